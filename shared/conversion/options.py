@@ -1,0 +1,48 @@
+"""What a caller may ask of a conversion, and what progress it hears back."""
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal, Optional
+
+from .errors import InvalidOptionsError
+
+CHECK_KINDS = ("local", "propagated", "greedy")
+DEFAULT_TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+
+# progress(stage, done, total); stages in order: loading, calibrating, converting, checking, writing
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass
+class ConversionOptions:
+    tolerance: Optional[float] = None  # target relative error per layer; None: 1e-5 (fp32), 1e-10 (fp64)
+    dtype: Literal["float32", "float64"] = "float32"
+    calibration_tokens: int = 256  # random calibration tokens in all, cut into sequences of seq_len
+    seq_len: int = 64
+    calibration_token_ids: Optional[list[list[int]]] = None  # explicit calibration sequences
+    construction: Literal["compact"] = "compact"
+    checks: list[str] = field(default_factory=lambda: list(CHECK_KINDS))
+    greedy_tokens: int = 32
+    device: Optional[str] = None  # None: cuda when available, else cpu
+    allow_pickle: bool = False  # pytorch_model.bin through torch.load(weights_only=True)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.dtype not in DEFAULT_TOLERANCE:
+            raise InvalidOptionsError(f"dtype must be float32 or float64, not {self.dtype!r}")
+        if self.tolerance is None:
+            self.tolerance = DEFAULT_TOLERANCE[self.dtype]
+        if not (0 < self.tolerance < 1):
+            raise InvalidOptionsError(f"tolerance must be in (0, 1), not {self.tolerance}")
+        if self.construction != "compact":
+            raise InvalidOptionsError(f"construction {self.construction!r} is not offered; use 'compact'")
+        unknown = set(self.checks) - set(CHECK_KINDS)
+        if unknown:
+            raise InvalidOptionsError(f"unknown checks {sorted(unknown)}; choose from {list(CHECK_KINDS)}")
+        if self.calibration_tokens < 1 or self.seq_len < 2:
+            raise InvalidOptionsError("calibration_tokens must be >= 1 and seq_len >= 2")
+        if self.calibration_token_ids is not None and not all(len(s) >= 1 for s in self.calibration_token_ids):
+            raise InvalidOptionsError("calibration_token_ids must be non-empty sequences")
+        if self.greedy_tokens < 0:
+            raise InvalidOptionsError("greedy_tokens must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
