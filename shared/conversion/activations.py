@@ -1,0 +1,126 @@
+"""Activations as sums of sigmoid-gated heads: phi(x) ~= sum_m g_m * x * sigmoid(a_m x + c_m).
+
+A neuron head with key a*u + c, value u and output scale g computes exactly one term
+(DESIGN.md §2). SiLU and quick_gelu are exact with one head; GELU (erf and tanh forms)
+is fitted on the calibrated input range; ReLU uses one head with a large gain.
+"""
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy
+import torch
+
+
+@dataclass(frozen=True)
+class Mixture:
+    a: tuple  # (M,) gains
+    c: tuple  # (M,) offsets
+    g: tuple  # (M,) output scales
+    max_abs_error: float  # max |mixture - phi| on [-fit_range, fit_range]
+    fit_range: float
+
+    @property
+    def heads(self) -> int:
+        return len(self.a)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        a, c, g = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (self.a, self.c, self.g))
+        return (g * x[..., None] * torch.sigmoid(a * x[..., None] + c)).sum(-1)
+
+
+def exact_activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The source activation, as transformers computes it."""
+    if name == "gelu_erf":
+        return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+    if name == "gelu_tanh":
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    if name == "silu":
+        return x * torch.sigmoid(x)
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    if name == "relu":
+        return torch.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def mixture_for(name: str, input_range: float, tolerance: float, max_heads: int = 16) -> Mixture:
+    """The cheapest mixture whose error on [-input_range, input_range] is below
+    `tolerance` relative to the activation's scale there (phi(input_range) ~ input_range)."""
+    if name == "silu":
+        return Mixture((1.0,), (0.0,), (1.0,), 0.0, math.inf)
+    if name == "quick_gelu":
+        return Mixture((1.702,), (0.0,), (1.0,), 0.0, math.inf)
+    if name == "relu":
+        return relu_mixture(input_range, tolerance)
+    fit_range = _range_bucket(input_range)
+    budget = tolerance * fit_range
+    best = None
+    for heads in (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16):
+        if heads > max_heads:
+            break
+        mixture = fitted_gelu(name, heads, fit_range)
+        if best is None or mixture.max_abs_error < best.max_abs_error:
+            best = mixture
+        if mixture.max_abs_error <= budget:
+            return mixture
+    return best
+
+
+def relu_mixture(input_range: float, tolerance: float) -> Mixture:
+    # max_x |relu(x) - x sigmoid(a x)| = 0.2785 / a, reached at |x| = 1.2785 / a
+    fit_range = max(input_range, 1e-3)
+    gain = 0.2785 / (tolerance * fit_range)
+    return Mixture((gain,), (0.0,), (1.0,), 0.2785 / gain, fit_range)
+
+
+def _range_bucket(x: float) -> float:
+    """Round the range up to a power of two (at least 1) so fits are shared between layers."""
+    return float(2 ** max(0, math.ceil(math.log2(max(x, 1.0)))))
+
+
+@lru_cache(maxsize=None)
+def fitted_gelu(name: str, heads: int, fit_range: float) -> Mixture:
+    """Fit sum_m g_m x sigmoid(a (x - mu_m)) to GELU on [-R, R] in float64.
+
+    GELU's gate Φ is a smooth CDF; a CDF is well approximated by logistic CDFs placed at
+    Gauss-Hermite nodes. For each (spread of the nodes, common gain a) on a small grid the
+    output scales g enter linearly and are solved by least squares with sum(g) = 1 (so
+    phi(x) -> x beyond the range); the grid point with the smallest max error wins.
+    Deterministic, and well under a second per fit.
+    """
+    x = torch.linspace(-fit_range, fit_range, 3001, dtype=torch.float64)
+    target = exact_activation(name, x)
+    if heads == 1:
+        a = torch.tensor([1.702], dtype=torch.float64)
+        best = (_max_error(x, target, a, torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)),
+                a, torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+    else:
+        nodes = torch.tensor(numpy.polynomial.hermite.hermgauss(heads)[0], dtype=torch.float64)
+        best = None
+        for spread in torch.linspace(0.2, 2.0, 37, dtype=torch.float64):
+            for gain in torch.logspace(0, math.log10(12.0), 41, dtype=torch.float64):
+                a = gain.expand(heads).clone()
+                c = -a * nodes * spread * math.sqrt(2)
+                g = _solve_scales(x, target, a, c)
+                error = _max_error(x, target, a, c, g)
+                if best is None or error < best[0]:
+                    best = (error, a, c, g)
+    error, a, c, g = best
+    return Mixture(tuple(a.tolist()), tuple(c.tolist()), tuple(g.tolist()), error, fit_range)
+
+
+def _basis(x, a, c):
+    return x[:, None] * torch.sigmoid(a * x[:, None] + c)  # (N, M)
+
+
+def _max_error(x, target, a, c, g) -> float:
+    return (_basis(x, a, c) @ g - target).abs().max().item()
+
+
+def _solve_scales(x, target, a, c):
+    """g with sum(g) = 1 minimising ||basis g - target||_2 (substitute g_M = 1 - sum(others))."""
+    basis = _basis(x, a, c)
+    reduced = basis[:, :-1] - basis[:, -1:]
+    head = torch.linalg.lstsq(reduced, (target - basis[:, -1])[:, None]).solution[:, 0]
+    return torch.cat([head, (1 - head.sum()).view(1)])
