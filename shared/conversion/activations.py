@@ -89,29 +89,41 @@ def fitted_gelu(name: str, heads: int, fit_range: float) -> Mixture:
     phi(x) -> x beyond the range); the grid point with the smallest max error wins.
     Deterministic, and well under a second per fit.
     """
-    x = torch.linspace(-fit_range, fit_range, 3001, dtype=torch.float64)
+    x = torch.linspace(-fit_range, fit_range, 1501, dtype=torch.float64)
     target = exact_activation(name, x)
+    one = torch.ones(1, dtype=torch.float64)
     if heads == 1:
-        a = torch.tensor([1.702], dtype=torch.float64)
-        best = (_max_error(x, target, a, torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)),
-                a, torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
-    else:
-        nodes = torch.tensor(numpy.polynomial.hermite.hermgauss(heads)[0], dtype=torch.float64)
-        best = None
-        for spread in torch.linspace(0.2, 2.0, 37, dtype=torch.float64):
-            for gain in torch.logspace(0, math.log10(12.0), 41, dtype=torch.float64):
-                a = gain.expand(heads).clone()
-                c = -a * nodes * spread * math.sqrt(2)
-                g = _solve_scales(x, target, a, c)
-                error = _max_error(x, target, a, c, g)
-                if best is None or error < best[0]:
-                    best = (error, a, c, g)
-    error, a, c, g = best
-    return Mixture(tuple(a.tolist()), tuple(c.tolist()), tuple(g.tolist()), error, fit_range)
+        a, c = torch.tensor([1.702], dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        return Mixture((1.702,), (0.0,), (1.0,), _max_error(x, target, a, c, one), fit_range)
+    nodes = torch.tensor(numpy.polynomial.hermite.hermgauss(heads)[0], dtype=torch.float64) * math.sqrt(2)
+    spreads = torch.linspace(0.2, 2.0, 19, dtype=torch.float64)
+    log_gains = torch.linspace(0.0, math.log(12.0), 21, dtype=torch.float64)
+    spread, log_gain = _grid_search(x, target, nodes, spreads, log_gains)
+    # refine on a finer grid around the coarse optimum
+    spread, log_gain = _grid_search(x, target, nodes,
+                                    spread + torch.linspace(-0.1, 0.1, 9, dtype=torch.float64),
+                                    log_gain + torch.linspace(-0.06, 0.06, 9, dtype=torch.float64))
+    a = torch.exp(log_gain).expand(heads).clone()
+    c = -a * nodes * spread
+    g = _solve_scales(x, target, a[None], c[None])[0]
+    return Mixture(tuple(a.tolist()), tuple(c.tolist()), tuple(g.tolist()), _max_error(x, target, a, c, g), fit_range)
+
+
+def _grid_search(x, target, nodes, spreads, log_gains):
+    """The (spread, log gain) of the grid whose least-squares fit has the smallest max error."""
+    spread, log_gain = torch.meshgrid(spreads.clamp_min(0.05), log_gains, indexing="ij")
+    spread, log_gain = spread.reshape(-1), log_gain.reshape(-1)  # (G,)
+    a = torch.exp(log_gain)[:, None].expand(-1, len(nodes))  # (G, M)
+    c = -a * nodes[None] * spread[:, None]
+    g = _solve_scales(x, target, a, c)  # (G, M)
+    errors = (_basis(x, a, c) @ g[..., None])[..., 0].sub(target).abs().amax(-1)  # (G,)
+    best = int(errors.argmin())
+    return spread[best], log_gain[best]
 
 
 def _basis(x, a, c):
-    return x[:, None] * torch.sigmoid(a * x[:, None] + c)  # (N, M)
+    """x sigmoid(a x + c) for every grid point: a, c (G, M) -> (G, N, M)."""
+    return x[:, None] * torch.sigmoid(a[..., None, :] * x[:, None] + c[..., None, :])
 
 
 def _max_error(x, target, a, c, g) -> float:
@@ -119,8 +131,9 @@ def _max_error(x, target, a, c, g) -> float:
 
 
 def _solve_scales(x, target, a, c):
-    """g with sum(g) = 1 minimising ||basis g - target||_2 (substitute g_M = 1 - sum(others))."""
-    basis = _basis(x, a, c)
-    reduced = basis[:, :-1] - basis[:, -1:]
-    head = torch.linalg.lstsq(reduced, (target - basis[:, -1])[:, None]).solution[:, 0]
-    return torch.cat([head, (1 - head.sum()).view(1)])
+    """g (G, M) with sum(g) = 1 minimising ||basis g - target||_2 (substitute g_M = 1 - sum(others))."""
+    basis = _basis(x, a, c)  # (G, N, M)
+    reduced = basis[..., :-1] - basis[..., -1:]
+    rhs = (target - basis[..., -1])[..., None]  # (G, N, 1)
+    head = torch.linalg.lstsq(reduced, rhs).solution[..., 0]  # (G, M-1)
+    return torch.cat([head, 1 - head.sum(-1, keepdim=True)], dim=-1)

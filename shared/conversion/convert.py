@@ -16,8 +16,8 @@ import torch
 from . import checks
 from .calibrate import calibrate, calibration_batches
 from .construct import plan_layer
-from .errors import ConversionCancelled, InvalidOptionsError
-from .format import (CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, REPORT_FILE, TORCH_DTYPES, WEIGHTS_FILE,
+from .errors import ConversionCancelled, InvalidOptionsError, SourceMismatchError
+from .format import (CONFIG_FILE, read_config, FORMAT_NAME, FORMAT_VERSION, REPORT_FILE, TORCH_DTYPES, WEIGHTS_FILE,
                      StreamingSafetensorsWriter, runtime_name)
 from .options import ConversionOptions
 from .report import Report
@@ -113,6 +113,20 @@ def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, progr
     report.files = {p.name: p.stat().st_size for p in out.iterdir()}
     report.files[REPORT_FILE] = None
     (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def check(out_dir, source_dir, options: ConversionOptions | None = None, progress=None) -> Report:
+    """Re-run the equivalence checks of a converted directory against its source."""
+    config = read_config(out_dir)
+    source = SourceModel(source_dir, allow_pickle=options.allow_pickle if options else False)
+    if source.checkpoint.weights_sha256() != config["source"]["weights_sha256"]:
+        raise SourceMismatchError(f"{source_dir} is not the checkpoint {out_dir} was converted from (weights hash differs)")
+    options = options or ConversionOptions(dtype=config["dtype"], tolerance=config["tolerance"])
+    report = Report(config=config, options=options.to_dict())
+    _run_checks(report, Path(source_dir), Path(out_dir), source.arch, options, TORCH_DTYPES[config["dtype"]],
+                progress or (lambda *a: None), lambda: None)
+    report.finish(options.tolerance, LOGITS_REL_FACTOR, KL_LIMIT[options.dtype])
     return report
 
 

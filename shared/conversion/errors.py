@@ -50,3 +50,7 @@ class InvalidConvertedCheckpointError(ConversionError):
 
 class ConversionCancelled(ConversionError):
     code = "cancelled"
+
+
+class SourceMismatchError(ConversionError):
+    code = "source_mismatch"

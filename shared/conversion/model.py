@@ -31,9 +31,10 @@ class Norm(nn.Module):
     def forward(self, x):
         if self.kind == "layernorm":
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        # as transformers' RMSNorm: normalise in float32 at least, scale after casting back
+        # exactly as transformers' RMSNorm: normalise in float32 (even for float64 models),
+        # scale after casting back
         dtype = x.dtype
-        h = x.to(torch.promote_types(dtype, torch.float32))
+        h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
 

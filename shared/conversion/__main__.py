@@ -1,0 +1,136 @@
+"""Command line: python -m shared.conversion {convert,check,generate} ...
+
+    convert SRC OUT [--tolerance T] [--dtype float32|float64] [--calibration-tokens K] [--seq-len N]
+    check OUT SRC
+    generate OUT --prompt-ids 1,2,3 --max-new-tokens 20
+Exit status: 0 passed, 1 checks failed, 2 error (with its stable code on stderr).
+"""
+import argparse
+import sys
+
+import torch
+from tqdm import tqdm
+
+from .convert import check, convert
+from .errors import ConversionError
+from .options import ConversionOptions
+from .runtime import load_converted
+
+STAGES = ("loading", "calibrating", "converting", "checking")
+
+
+class ProgressBars:
+    """One tqdm bar per stage, over layers."""
+
+    def __init__(self):
+        self.bars = {}
+
+    def __call__(self, stage, done, total):
+        bar = self.bars.get(stage)
+        if bar is None:
+            for other in self.bars.values():
+                other.close()
+            bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:<11}", unit="layer" if stage != "loading" else "step",
+                                          file=sys.stderr, leave=True)
+        bar.update(done - bar.n)
+
+    def close(self):
+        for bar in self.bars.values():
+            bar.close()
+
+
+def summary_table(report) -> str:
+    rows = [("layer", "ffn local rel", "block local rel", "residual rel (propagated)")]
+    residual = {r["layer"]: r["residual_rel"] for r in report.propagated.get("residual", [])}
+    for entry in report.local or [{"layer": i} for i in residual]:
+        i = entry["layer"]
+        rows.append((str(i), fmt(entry.get("ffn_rel")), fmt(entry.get("block_rel")), fmt(residual.get(i))))
+    widths = [max(len(r[k]) for r in rows) for k in range(4)]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    s = report.summary
+    lines.append("")
+    for key in ("logits_max_abs", "logits_max_rel", "kl_max", "top1_agreement", "greedy_identical", "attention_heads_added"):
+        if s.get(key) is not None:
+            lines.append(f"{key:<22} {fmt(s[key])}")
+    lines.append(f"{'verdict':<22} {'PASSED' if report.passed else 'FAILED'}")
+    lines += [f"  - {failure}" for failure in report.failures]
+    return "\n".join(lines)
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3e}"
+    return str(value)
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("token ids must be integers separated by commas") from None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shared.conversion", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("convert", help="convert a Hugging Face directory into an attention-only checkpoint")
+    p.add_argument("source"), p.add_argument("out")
+    p.add_argument("--tolerance", type=float, default=None, help="target relative error per layer (default 1e-5 fp32, 1e-10 fp64)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--calibration-tokens", type=int, default=256, help="random calibration tokens in all")
+    p.add_argument("--seq-len", type=int, default=64, help="calibration and check sequence length")
+    p.add_argument("--greedy-tokens", type=int, default=32, help="length of the greedy continuation compared")
+    p.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (torch.load weights_only=True)")
+    p = commands.add_parser("check", help="re-run the equivalence checks of a converted checkpoint")
+    p.add_argument("out"), p.add_argument("source")
+    p = commands.add_parser("generate", help="greedy continuation with a converted decoder")
+    p.add_argument("out")
+    p.add_argument("--prompt-ids", type=parse_ids, required=True)
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    bars = ProgressBars()
+    try:
+        if args.command == "convert":
+            options = ConversionOptions(tolerance=args.tolerance, dtype=args.dtype, calibration_tokens=args.calibration_tokens,
+                                        seq_len=args.seq_len, greedy_tokens=args.greedy_tokens, allow_pickle=args.allow_pickle)
+            report = convert(args.source, args.out, options, progress=bars)
+            bars.close()
+            print(summary_table(report))
+            print(f"\nwrote {args.out}/config.json, model.safetensors, report.json")
+            return 0 if report.passed else 1
+        if args.command == "check":
+            report = check(args.out, args.source, progress=bars)
+            bars.close()
+            print(summary_table(report))
+            return 0 if report.passed else 1
+        model = load_converted(args.out, device="cpu")
+        if not model.is_decoder:
+            print("error [not_a_decoder]: generate needs a decoder; this checkpoint is an encoder", file=sys.stderr)
+            return 2
+        if not args.prompt_ids:
+            print("error [invalid_options]: --prompt-ids needs at least one id", file=sys.stderr)
+            return 2
+        vocab = model.arch["vocab_size"]
+        if any(not 0 <= t < vocab for t in args.prompt_ids):
+            print(f"error [invalid_options]: prompt ids must be in [0, {vocab})", file=sys.stderr)
+            return 2
+        try:
+            out = model.generate(torch.tensor([args.prompt_ids]), args.max_new_tokens)
+        except ValueError as exc:
+            print(f"error [invalid_options]: {exc}", file=sys.stderr)
+            return 2
+        print(",".join(str(t) for t in out[0].tolist()))
+        return 0
+    except ConversionError as exc:
+        bars.close()
+        print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

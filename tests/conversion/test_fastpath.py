@@ -1,0 +1,331 @@
+"""The O(n) fast path against the dense softmax-attention reference.
+
+The fast path runs in float32, the reference in float64 on the same (float32-representable)
+inputs; errors are max |fast - ref| over real query positions relative to max |ref| there.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+from shared.conversion import fastpath
+from shared.conversion.heads import dense_head_group, dense_product_pairs, product_pair_heads
+
+TOL = 1e-6  # issue 5: fast (fp32) vs dense (fp64) relative error
+LENGTHS = [1, 2, 7, 64, 300]
+
+
+def rel_err(fast, ref, mask=None):
+    """max |fast - ref| / max |ref| over real positions (outputs at padded queries carry no meaning)."""
+    real = torch.ones(ref.shape[:2], dtype=torch.bool) if mask is None else mask
+    diff = (fast.double() - ref)[real]
+    return (diff.abs().max() / ref[real].abs().max()).item()
+
+
+def padding(B, T, causal, gen):
+    """Row 0 unpadded, row 1 left-padded (decoder batches) or right-padded (encoder batches)."""
+    mask = torch.ones(B, T, dtype=torch.bool)
+    n_pad = int(torch.randint(0, max(1, T // 2) + 1, (1,), generator=gen))
+    if T > 1 and n_pad:
+        if causal:
+            mask[1, :n_pad] = False
+        else:
+            mask[1, T - n_pad:] = False
+    return mask
+
+
+def group_case(kind, B, T, F, gen):
+    """(keys, values, a, c, g, omega, null_slot) of the head-group kinds the converter builds."""
+    u = torch.randn(B, T, F, generator=gen) * 2
+    if kind == "silu":
+        one = torch.ones(1, F)
+        return u, u, one, torch.zeros(1, F), one, 30.0, True
+    if kind == "gelu_mixture":
+        M = 4
+        a = torch.rand(M, F, generator=gen) * 2.5 + 0.5  # [0.5, 3]
+        c = torch.rand(M, F, generator=gen) * 4 - 2  # [-2, 2]
+        g = torch.randn(M, F, generator=gen)
+        return u, u, a, c, g, 40.0, True
+    if kind == "identity":
+        s = torch.randn(B, T, F, generator=gen)
+        zero = torch.zeros(1, F)
+        return s, s, zero, zero, -torch.ones(1, F), 20.0, False
+    raise AssertionError(kind)
+
+
+def both(keys, values, a, c, g, omega, *, causal, mask, null_slot):
+    fast = fastpath.fast_head_group(keys, values, a, c, g, omega, causal=causal, key_padding_mask=mask,
+                                    null_slot=null_slot)
+    ref = dense_head_group(keys.double(), values.double(), a.double(), c.double(), g.double(), omega,
+                           causal=causal, key_padding_mask=mask, null_slot=null_slot)
+    assert fast.dtype == keys.dtype and fast.shape == ref.shape
+    assert torch.isfinite(fast).all(), "outputs must be finite everywhere, padded queries included"
+    return fast, ref
+
+
+@pytest.mark.parametrize("T", LENGTHS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("padded", [False, True], ids=["nomask", "padded"])
+@pytest.mark.parametrize("kind", ["silu", "gelu_mixture", "identity"])
+def test_head_group_matches_dense(kind, padded, causal, T):
+    gen = torch.Generator().manual_seed(T * 7 + causal)
+    B, F = 2, 12
+    keys, values, a, c, g, omega, null_slot = group_case(kind, B, T, F, gen)
+    mask = padding(B, T, causal, gen) if padded else None
+    fast, ref = both(keys, values, a, c, g, omega, causal=causal, mask=mask, null_slot=null_slot)
+    assert rel_err(fast, ref, mask) <= TOL
+
+
+def no_leak(keys, values, a, c, g, null_slot):
+    """What the group gives if only self and null counted: sum_m g u sigmoid(z) (identity: the value)."""
+    z = a.double() * keys.double().unsqueeze(2) + c.double()  # (B, T, M, F)
+    weight = torch.sigmoid(z) if null_slot else torch.ones_like(z)
+    return (g.double() * weight * values.double().unsqueeze(2)).sum(2)
+
+
+@pytest.mark.parametrize("T", [7, 64, 300])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("null_slot", [True, False], ids=["null", "nonull"])
+@pytest.mark.parametrize("M", [1, 4])
+def test_leakage_is_modelled(M, null_slot, causal, T):
+    """omega = 2: the other keys take a large share of the softmax, and the fast path still agrees."""
+    gen = torch.Generator().manual_seed(100 + T + M)
+    B, F = 2, 10
+    keys = torch.randn(B, T, F, generator=gen) * 2
+    values = torch.randn(B, T, F, generator=gen)
+    a = torch.rand(M, F, generator=gen) * 2.5 + 0.5
+    c = torch.rand(M, F, generator=gen) * 4 - 2
+    g = torch.randn(M, F, generator=gen)
+    mask = padding(B, T, causal, gen)
+    fast, ref = both(keys, values, a, c, g, 2.0, causal=causal, mask=mask, null_slot=null_slot)
+    assert rel_err(no_leak(keys, values, a, c, g, null_slot).to(ref), ref, mask) > 0.05, "leakage must matter here"
+    assert rel_err(fast, ref, mask) <= TOL
+
+
+@pytest.mark.parametrize("omega", [3e5, 1e6])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_relu_huge_gain(causal, omega):
+    """a = 1e5 and omega up to 1e6: scores never formed as omega + z, so nothing overflows or cancels."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, F = 2, 300, 16
+    u = torch.rand(B, T, F, generator=gen) * 4 - 2  # |a u| <= 2e5 < omega
+    u[:, ::3] *= 1e-5  # a third of the inputs inside the sigmoid's transition, |a u| ~ 1
+    one = torch.ones(1, F)
+    mask = padding(B, T, causal, gen)
+    fast, ref = both(u, u, 1e5 * one, 0 * one, one, omega, causal=causal, mask=mask, null_slot=True)
+    assert rel_err(fast, ref, mask) <= TOL
+    assert (ref - torch.relu(u.double())).abs().max() <= 0.28 / 1e5  # and it is a ReLU
+
+
+def test_unsafe_causal_columns_are_recomputed_exactly(monkeypatch):
+    """Leaky keys (z - omega ~ 10..20) before one huge key (z = 200): the per-column stabiliser
+    flushes the early keys to 0 for the queries that precede the big key; those columns must be
+    detected and recomputed exactly."""
+    gen = torch.Generator().manual_seed(9)
+    B, T, F = 1, 64, 6
+    keys = 60 + 10 * torch.rand(B, T, F, generator=gen)
+    keys[:, 40, :3] = 200.0  # columns 0..2 are unsafe, 3..5 safe
+    values = torch.randn(B, T, F, generator=gen)
+    one = torch.ones(1, F)
+    args = (keys, values, one, 0 * one, one, 50.0)
+    fast, ref = both(*args, causal=True, mask=None, null_slot=True)
+    assert rel_err(fast, ref) <= TOL
+    monkeypatch.setattr(fastpath, "_span_limit", lambda dtype: math.inf)  # no repair: the flushed keys show
+    unrepaired = fastpath.fast_head_group(*args, causal=True)
+    assert rel_err(unrepaired[..., :3], ref[..., :3]) > 1e-2
+    assert rel_err(unrepaired[..., 3:], ref[..., 3:]) <= TOL
+
+
+@pytest.mark.parametrize("eps", [1e-4, 1e-6])
+@pytest.mark.parametrize("T", LENGTHS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("omega", [2.0, 30.0], ids=["leaky", "calibrated"])
+def test_product_pairs_match_dense(omega, causal, T, eps):
+    gen = torch.Generator().manual_seed(T + int(omega))
+    B, F = 2, 12
+    s = torch.randn(B, T, F, generator=gen) * 3
+    u = torch.randn(B, T, F, generator=gen)
+    eps_t = torch.full((F,), eps)
+    mask = padding(B, T, causal, gen)
+    fast = fastpath.fast_product_pairs(s, u, eps_t, omega, causal=causal, key_padding_mask=mask)
+    ref = dense_product_pairs(s.double(), u.double(), eps_t.double(), omega, causal=causal, key_padding_mask=mask)
+    assert torch.isfinite(fast).all()
+    err = rel_err(fast, ref, mask)
+    assert err <= TOL, err  # measured ~1e-7 to 3e-7
+    if omega == 30.0:  # calibrated: the pair is the product s u up to (eps s)^2 / 12
+        assert rel_err(ref, s.double() * u.double(), mask) <= 1e-6
+
+
+def test_product_pairs_beat_separate_heads():
+    """Evaluating the two heads separately in fp32 cancels catastrophically; the identity does not."""
+    gen = torch.Generator().manual_seed(3)
+    B, T, F = 2, 64, 12
+    s, u = torch.randn(B, T, F, generator=gen) * 3, torch.randn(B, T, F, generator=gen)
+    eps = torch.full((F,), 1e-4)
+    ref = dense_product_pairs(s.double(), u.double(), eps.double(), 2.0, causal=True)
+    a, c, g = product_pair_heads(eps)
+    separate = fastpath.fast_head_group(s, u, a, c, g, 2.0, causal=True)
+    paired = fastpath.fast_product_pairs(s, u, eps, 2.0, causal=True)
+    assert rel_err(separate, ref) > 1e-5
+    assert rel_err(paired, ref) <= TOL
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_product_pairs_with_large_keys_use_float64(causal):
+    """|eps s| > 0.5: the identity's sums (C - S = sum e^{-z_j}) cancel in fp32; fp64 is used instead."""
+    gen = torch.Generator().manual_seed(4)
+    B, T, F = 2, 32, 4
+    s, u = 20 + 10 * torch.rand(B, T, F, generator=gen), torch.randn(B, T, F, generator=gen)
+    eps = torch.full((F,), 0.2)  # eps s in [4, 6]: C ~ S ~ e^6, C - S ~ e^-4
+    mask = padding(B, T, causal, gen)
+    fast = fastpath.fast_product_pairs(s, u, eps, 2.0, causal=causal, key_padding_mask=mask)
+    ref = dense_product_pairs(s.double(), u.double(), eps.double(), 2.0, causal=causal, key_padding_mask=mask)
+    assert rel_err(fast, ref, mask) <= TOL
+    monkeypatch_limit = fastpath._PAIR_Z_FP32
+    try:  # the same inputs forced through fp32 show why
+        fastpath._PAIR_Z_FP32 = math.inf
+        forced = fastpath.fast_product_pairs(s, u, eps, 2.0, causal=causal, key_padding_mask=mask)
+    finally:
+        fastpath._PAIR_Z_FP32 = monkeypatch_limit
+    assert rel_err(forced, ref, mask) > TOL
+
+
+def test_product_pairs_out_of_range_warn():
+    s, u = torch.full((1, 4, 2), 30.0), torch.ones(1, 4, 2)
+    with pytest.warns(UserWarning, match="accuracy degrades"):
+        out = fastpath.fast_product_pairs(s, u, torch.ones(2), 2.0, causal=True)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_float64_inputs_stay_float64(causal):
+    gen = torch.Generator().manual_seed(6)
+    keys, values, a, c, g, _, _ = group_case("gelu_mixture", 2, 50, 8, gen)
+    keys, values = keys.double(), values.double()
+    fast, ref = both(keys, values, a, c, g, 3.0, causal=causal, mask=None, null_slot=True)
+    assert fast.dtype == torch.float64 and rel_err(fast, ref) <= 1e-12
+
+
+CHUNKS = [5, 1, 1, 3, 1, 20, 1, 1]  # a prompt, single tokens, short chunks: 33 tokens
+
+
+def chunked(step, *tensors):
+    out, start = [], 0
+    for n in CHUNKS:
+        out.append(step(*(t[:, start:start + n] for t in tensors)))
+        start += n
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("null_slot", [True, False], ids=["null", "nonull"])
+@pytest.mark.parametrize("omega", [2.0, 30.0], ids=["leaky", "calibrated"])
+def test_head_group_cache_matches_full(omega, null_slot):
+    gen = torch.Generator().manual_seed(7)
+    B, T, F, M = 2, sum(CHUNKS), 10, 3
+    keys, values = torch.randn(B, T, F, generator=gen) * 2, torch.randn(B, T, F, generator=gen)
+    a, c, g = torch.rand(M, F, generator=gen) + 0.5, torch.rand(M, F, generator=gen) - 0.5, torch.randn(M, F)
+    cache = fastpath.HeadGroupCache(a, c, g, omega, null_slot=null_slot)
+    stepped = chunked(cache.step, keys, values)
+    full, ref = both(keys, values, a, c, g, omega, causal=True, mask=None, null_slot=null_slot)
+    assert rel_err(stepped, ref) <= TOL and rel_err(full, ref) <= TOL
+    assert cache.state.z0.shape == cache.state.S0.shape == (M, B, 1, F), "state does not grow with the length"
+
+
+def test_head_group_cache_with_left_padding():
+    gen = torch.Generator().manual_seed(8)
+    B, T, F = 2, sum(CHUNKS), 6
+    keys, values, a, c, g, _, _ = group_case("gelu_mixture", B, T, F, gen)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, :4] = False  # inside the first chunk
+    cache = fastpath.HeadGroupCache(a, c, g, 2.0)
+    stepped = chunked(cache.step, keys, values, mask)
+    _, ref = both(keys, values, a, c, g, 2.0, causal=True, mask=mask, null_slot=True)
+    assert rel_err(stepped, ref, mask) <= TOL
+
+
+def test_head_group_cache_recomputes_unsafe_columns():
+    """The cache's past sums feed the exact fallback too: a huge key in the prompt, leaky keys after."""
+    gen = torch.Generator().manual_seed(10)
+    B, T, F = 1, sum(CHUNKS), 4
+    keys = 60 + 10 * torch.rand(B, T, F, generator=gen)
+    keys[:, 30, :2] = 200.0
+    values = torch.randn(B, T, F, generator=gen)
+    one = torch.ones(1, F)
+    cache = fastpath.HeadGroupCache(one, 0 * one, one, 50.0)
+    stepped = chunked(cache.step, keys, values)
+    _, ref = both(keys, values, one, 0 * one, one, 50.0, causal=True, mask=None, null_slot=True)
+    assert rel_err(stepped, ref) <= TOL
+
+
+@pytest.mark.parametrize("omega", [2.0, 30.0], ids=["leaky", "calibrated"])
+def test_product_pairs_cache_matches_full(omega):
+    gen = torch.Generator().manual_seed(11)
+    B, T, F = 2, sum(CHUNKS), 8
+    s, u = torch.randn(B, T, F, generator=gen) * 3, torch.randn(B, T, F, generator=gen)
+    eps = torch.full((F,), 1e-4)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, :3] = False
+    cache = fastpath.ProductPairsCache(eps, omega)
+    stepped = chunked(cache.step, s, u, mask)
+    ref = dense_product_pairs(s.double(), u.double(), eps.double(), omega, causal=True, key_padding_mask=mask)
+    assert rel_err(stepped, ref, mask) <= TOL
+    assert cache.sums.shape == (B, 1, 4, F)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 7, 64, 300, 1000])
+def test_prefix_sum(T):
+    x = torch.randn(3, T, 5, dtype=torch.float64)
+    assert torch.allclose(fastpath.prefix_sum_(x.clone()), x.cumsum(dim=1), rtol=0, atol=1e-12)
+
+
+def test_dense_reference_is_the_attention_described():
+    """The reference against the closed forms: SiLU without leakage, and a 2-token causal head by hand."""
+    gen = torch.Generator().manual_seed(12)
+    u = torch.randn(2, 9, 5, generator=gen, dtype=torch.float64)
+    one = torch.ones(1, 5, dtype=torch.float64)
+    silu = dense_head_group(u, u, one, 0 * one, one, 60.0, causal=True)
+    assert torch.allclose(silu, Fn.silu(u), rtol=0, atol=1e-15)
+    a, c, g, omega = 1.5, -0.5, 2.0, 1.0
+    k, v = torch.tensor([[[0.3], [-1.2]]], dtype=torch.float64), torch.tensor([[[0.7], [2.0]]], dtype=torch.float64)
+    z = a * k.flatten() + c
+    w = torch.exp(torch.stack([omega + z[1], omega + 0 * z[1], z[0]]))  # query 1: self, null, key 0
+    expected1 = g * (w[0] * v[0, 1, 0] + w[2] * v[0, 0, 0]) / w.sum()
+    expected0 = g * v[0, 0, 0] * torch.sigmoid(z[0])
+    t = lambda x: torch.tensor([[x]], dtype=torch.float64)
+    out = dense_head_group(k, v, t(a), t(c), t(g), omega, causal=True)
+    assert torch.allclose(out.flatten(), torch.stack([expected0, expected1]), rtol=1e-14, atol=0)
+
+
+def test_compiled_kernels_match(monkeypatch):
+    """torch.compile'd kernels (forced on small inputs) give the eager results; a compiler failure
+    falls back to eager, so either way the numbers must agree with the reference."""
+    monkeypatch.setattr(fastpath, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fastpath, "_COMPILE", True)
+    gen = torch.Generator().manual_seed(13)
+    B, T, F = 2, 64, 16
+    keys, values, a, c, g, _, _ = group_case("gelu_mixture", B, T, F, gen)
+    for causal in (True, False):
+        mask = padding(B, T, causal, gen)
+        fast, ref = both(keys, values, a, c, g, 2.0, causal=causal, mask=mask, null_slot=True)
+        assert rel_err(fast, ref, mask) <= TOL
+        eps = torch.full((F,), 1e-4)
+        pairs = fastpath.fast_product_pairs(keys, values, eps, 2.0, causal=causal, key_padding_mask=mask)
+        ref = dense_product_pairs(keys.double(), values.double(), eps.double(), 2.0, causal=causal, key_padding_mask=mask)
+        assert rel_err(pairs, ref, mask) <= TOL
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(fastpath, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fastpath, "_COMPILE", True)
+    monkeypatch.setattr(torch, "compile", broken)
+    kernel = fastpath._Kernel(lambda x: 2 * x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(kernel(torch.ones(3)), torch.full((3,), 2.0))
+    assert kernel.failed and any("running eager" in str(w.message) for w in caught)
+    assert torch.equal(kernel(torch.ones(3)), torch.full((3,), 2.0))
