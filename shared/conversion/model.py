@@ -337,19 +337,10 @@ class ConvertedModel(nn.Module):
         if input_ids.shape[1] + max_new_tokens > limit:
             raise ValueError(f"prompt + new tokens exceed the model's {limit} positions")
         caches = [block.new_cache() for block in self.layers]
-        tokens, out = input_ids, [input_ids]
-        start = 0
-        for t in range(max_new_tokens):
-            step_ids = tokens if t == 0 else out[-1]
-            logits = self.step(step_ids, start, caches)
+        out, step_ids, start = [input_ids], input_ids, 0
+        for _ in range(max_new_tokens):
+            logits = self.forward(step_ids, start=start, caches=caches)  # the prompt in one pass, then one token
             start += step_ids.shape[1]
-            out.append(logits[:, -1].argmax(-1, keepdim=True))
+            step_ids = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(step_ids)
         return torch.cat(out, dim=1)
-
-    def step(self, ids, start, caches):
-        """Run T new tokens through the caches one position at a time for the head groups
-        (their caches take one token per step) and return the logits of the last position."""
-        logits = None
-        for j in range(ids.shape[1]):
-            logits = self.forward(ids[:, j:j + 1], start=start + j, caches=caches)
-        return logits
