@@ -11,11 +11,13 @@ FAMILIES = {
     "gpt2-silu": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64, activation_function="silu")),
     "llama-gqa": ("LlamaConfig", "LlamaForCausalLM", dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=97, max_position_embeddings=128)),
     "llama-tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=1, vocab_size=97, max_position_embeddings=128, tie_word_embeddings=True)),
+    "llama-rope-llama3": ("LlamaConfig", "LlamaForCausalLM", dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "llama-rope-linear": ("LlamaConfig", "LlamaForCausalLM", dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4, vocab_size=97, max_position_embeddings=128, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, sliding_window=16)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=97, max_position_embeddings=128)),
     "bert": ("BertConfig", "BertModel", dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, vocab_size=97, max_position_embeddings=64)),
 }
-GATED = {"llama-gqa", "llama-tied", "mistral", "qwen2"}
+GATED = {"llama-gqa", "llama-tied", "llama-rope-llama3", "llama-rope-linear", "mistral", "qwen2"}
 
 
 def build_model(name: str, seed: int = 0):
