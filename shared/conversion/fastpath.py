@@ -38,9 +38,9 @@ for any eps (evaluating the heads separately loses a factor 1/eps). It does lose
 ~e^{2 max|z|} ulps for large |z| (C - S = sum e^{-z_j}): fp32 is used up to
 max |eps s| = 0.5, fp64 beyond (the construction keeps |eps s| far below 0.1).
 
-Pointwise stages are compiled with torch.compile when it works (falling back to eager
-on any failure); prefix sums are a two-level in-place scan. Inference only: the
-public functions run under torch.no_grad().
+Pointwise stages are compiled with torch.compile for large inputs when it works (eager
+on any failure); causal prefix sums are chunked triangular GEMMs (chunk_prefix_sums).
+Inference only: the public functions run under torch.no_grad().
 """
 import math
 import os
@@ -57,6 +57,7 @@ _PAIR_Z_FP32 = 0.5
 _PAIR_Z_FP64 = 9.0
 _PAIR_Z_MAX = 300.0  # cosh(z)^2 n^2 |V| overflows fp64 beyond this
 _INF = float("inf")
+CHUNK = 8  # rows per chunk of the causal prefix sums
 
 
 def set_compile(enabled: bool):
@@ -98,40 +99,58 @@ def _scalar(x, like):
 
 # --- pointwise kernels (compiled for large inputs) -------------------------------------
 # keep: (B, T, 1) bool, True = real key. floor: 0-dim, 0 with a null slot, -inf without.
+# Causal sums arrive as P (B, Tp, W), the sum over earlier rows of the same chunk of
+# CHUNK rows, and carry (B, Tp / CHUNK, W), the sum over earlier chunks (chunk_prefix_sums).
 
 def _combine(z, v, S, Q, zw, floor):
     """One head's output from its sums. z, v, S, Q: (B, T, F); zw = Z - omega: (B, 1, F).
 
-    S, Q: sums of e^{z_j - Z} and e^{z_j - Z} v_j over the other visible keys.
+    S, Q: sums of e^{z_j - Z} and e^{z_j - Z} v_j over the other visible keys. The weights
+    e^{z - s}, e^{floor - s}, e^{zw - s}, s = max(z, floor, zw), take two exps: one exponent is 0.
     """
-    s = torch.maximum(torch.maximum(z, floor), zw)  # (B, T, F) per-query stabiliser: all exponents <= 0
-    self_w = torch.exp(z - s)
-    leak = torch.exp(zw - s)  # key j's weight is leak * e^{z_j - Z}
-    den = self_w + torch.exp(floor - s) + leak * S  # exp(floor - s): the null slot, 0 without one
+    m = torch.maximum(z, floor)  # (B, T, F)
+    t = torch.exp(-(z - floor).abs())  # e^{min - max} of self and null; 0 without a null slot
+    self_w, null_w = torch.where(z >= floor, 1.0, t), torch.where(z >= floor, t, 1.0)
+    r = torch.exp(-(zw - m).abs())
+    leak_up = zw > m  # the other keys' scale dominates: s = zw
+    leak = torch.where(leak_up, 1.0, r)  # key j's weight is leak * e^{z_j - Z}
+    self_w, null_w = torch.where(leak_up, self_w * r, self_w), torch.where(leak_up, null_w * r, null_w)
+    den = self_w + null_w + leak * S
     return (self_w * v + leak * Q) / den.clamp_min(torch.finfo(den.dtype).tiny)
 
 
-def _causal_terms(k, v, keep, a, c, z0):
-    """Stabilised key terms, shifted one row down so that an inclusive scan yields sums over j < i.
+def _pad_rows(x):
+    """Zero rows appended along dim 1 up to a multiple of CHUNK."""
+    pad = (-x.shape[1]) % CHUNK
+    return torch.cat((x, x.new_zeros(x.shape[0], pad, *x.shape[2:])), dim=1)
 
-    k, v: (B, T, F); a, c: (F,); z0: (B, 1, F) max z of the past keys (-inf: none).
-    Returns buf (B, T, 2, F), the last row's terms (B, 1, 2, F), Z (B, 1, F) = max(z0, max real z)
-    and the min of z over real queries (B, 1, F).
+
+def _spread(carry, T):
+    """carry (B, nC, ...) -> (B, T, ...): row t gets carry[t // CHUNK] (a view, no copy when compiled)."""
+    B, nC = carry.shape[:2]
+    return carry.unsqueeze(2).expand(B, nC, CHUNK, *carry.shape[2:]).reshape(B, nC * CHUNK, *carry.shape[2:])[:, :T]
+
+
+def _causal_terms(k, v, keep, a, c, z0):
+    """Stabilised key terms e^{z_j - Z}, e^{z_j - Z} v_j: (B, Tp, 2, F), zero for padded keys and rows.
+
+    k, v: (B, T, F); a, c: (F,); z0: (B, 1, F) max z of earlier keys (-inf: none).
+    Also Z (B, 1, F) = max(z0, max real z) and the min of z over real queries (B, 1, F).
     """
     z = a * k + c  # (B, T, F)
     Z = torch.maximum(torch.where(keep, z, -_INF).amax(dim=1, keepdim=True), z0).clamp_min(-1e30)
     zmin = torch.where(keep, z, _INF).amin(dim=1, keepdim=True)
-    e = torch.where(keep, torch.exp(z - Z), 0.0)  # (B, T, F) <= 1
-    terms = torch.stack((e, e * v), dim=2)  # (B, T, 2, F)
-    buf = torch.cat((torch.zeros_like(terms[:, :1]), terms[:, :-1]), dim=1)
-    return buf, terms[:, -1:], Z, zmin
+    e = torch.exp(z - Z)  # (B, T, F) <= 1 for real keys
+    terms = torch.where(keep.unsqueeze(2), torch.stack((e, e * v), dim=2), 0.0)  # (B, T, 2, F)
+    return _pad_rows(terms), Z, zmin
 
 
-def _causal_output(k, v, sums, past, Z, a, c, g, omega, floor):
-    """g * head output. sums: (B, T, 2, F) prefix sums over this chunk; past: (B, 1, 2, F) earlier keys."""
-    z = a * k + c  # (B, T, F)
-    S, Q = sums[:, :, 0] + past[:, :, 0], sums[:, :, 1] + past[:, :, 1]
-    return g * _combine(z, v, S, Q, Z - omega, floor)
+def _causal_output(k, v, P, carry, past, Z, a, c, g, omega, floor):
+    """g * head output (B, T, F); past: (B, 1, 2, F) keys before this chunk of tokens, stabilised by Z."""
+    T = k.shape[1]
+    sums = P[:, :T] + _spread(carry, T) + past  # (B, T, 2, F): over every visible key j < i
+    z = a * k + c
+    return g * _combine(z, v, sums[:, :, 0], sums[:, :, 1], Z - omega, floor)
 
 
 def _bidirectional_output(k, v, keep, a, c, g, omega, floor):
@@ -139,7 +158,7 @@ def _bidirectional_output(k, v, keep, a, c, g, omega, floor):
     z = a * k + c  # (B, T, F)
     Z = torch.where(keep, z, -_INF).amax(dim=1, keepdim=True).clamp_min(-1e30)  # (B, 1, F)
     e = torch.where(keep, torch.exp(z - Z), 0.0)
-    ev = e * v
+    ev = torch.where(keep, e * v, 0.0)
     S = e.sum(dim=1, keepdim=True) - e  # error <= ulp * the query's own denominator
     Q = ev.sum(dim=1, keepdim=True) - ev
     return g * _combine(z, v, S, Q, Z - omega, floor)
@@ -158,10 +177,9 @@ def _pair_key_terms(s, u, keep, eps):
 
 
 def _pair_terms(s, u, keep, eps):
-    """Causal pair terms shifted one row down (B, T, 4, F), the last row's terms and max |z|."""
+    """Causal pair terms padded to (B, Tp, 4, F) and max |z|."""
     terms, zmax = _pair_key_terms(s, u, keep, eps)
-    buf = torch.cat((torch.zeros_like(terms[:, :1]), terms[:, :-1]), dim=1)
-    return buf, terms[:, -1:], zmax
+    return _pad_rows(terms), zmax
 
 
 def _pair_combine(s, u, eps, sums, n):
@@ -175,8 +193,9 @@ def _pair_combine(s, u, eps, sums, n):
     return (V * self_part + cross) / den
 
 
-def _pair_causal_output(s, u, eps, sums, past, n):
-    return _pair_combine(s, u, eps, sums + past, n)
+def _pair_causal_output(s, u, eps, P, carry, past, n):
+    T = s.shape[1]
+    return _pair_combine(s, u, eps, P[:, :T] + _spread(carry, T) + past, n)
 
 
 def _pair_bidirectional_output(s, u, keep, eps, n):
@@ -194,20 +213,35 @@ _pair_bidirectional_output_k = _Kernel(_pair_bidirectional_output)
 
 # --- prefix sums ----------------------------------------------------------------------
 
-def prefix_sum_(x):
-    """In-place inclusive prefix sum over dim 1 of x (B, T, W): chunks of ~sqrt(T) rows, then carries.
+def _strict_lower(n, like):
+    return torch.ones(n, n, dtype=like.dtype, device=like.device).tril(-1)  # (n, n)
 
-    About 2 sqrt(T) vectorised row additions (aten's cumsum over a middle dim is ~10x slower
-    on CPU); every sum is at most ~2 sqrt(T) sequential additions deep.
+
+def chunk_prefix_sums(x):
+    """x (B, Tp, W), Tp a multiple of CHUNK -> P (B, Tp, W): sums over the earlier rows of the same
+    chunk; carry (B, Tp / CHUNK, W): sums over the earlier chunks; total (B, W).
+
+    One batched GEMM with a CHUNK x CHUNK strictly lower-triangular matrix, then the same on the
+    chunk totals (1/CHUNK as many rows): a few large ops rather than O(sqrt T) small ones (aten's
+    cumsum over a middle dim is ~5x slower on CPU, and many small parallel ops stall when the
+    machine is shared). Every sum is a few short fp32 dot products deep.
     """
-    T = x.shape[1]
-    chunk = max(1, math.isqrt(T))
-    for r in range(1, min(chunk, T)):  # within chunks: row r += row r - 1
-        rows = x[:, r::chunk]
-        rows.add_(x[:, r - 1::chunk][:, : rows.shape[1]])
-    for start in range(chunk, T, chunk):  # across chunks: add the previous chunk's carried last row
-        x[:, start:start + chunk].add_(x[:, start - 1:start])
-    return x
+    B, Tp, W = x.shape
+    assert Tp % CHUNK == 0, (Tp, CHUNK)
+    xc = x.view(B, Tp // CHUNK, CHUNK, W)
+    P = torch.matmul(_strict_lower(CHUNK, x), xc)  # (B, nC, CHUNK, W)
+    sums = P[:, :, -1] + xc[:, :, -1]  # (B, nC, W) chunk totals
+    carry = exclusive_prefix_sum(sums)
+    return P.view(B, Tp, W), carry, carry[:, -1] + sums[:, -1]
+
+
+def exclusive_prefix_sum(x):
+    """(B, T, W) -> (B, T, W): row t holds the sum of rows j < t."""
+    B, T, W = x.shape
+    if T <= CHUNK:
+        return torch.matmul(_strict_lower(T, x), x)
+    P, carry, _ = chunk_prefix_sums(_pad_rows(x))
+    return (P + _spread(carry, P.shape[1]))[:, :T]
 
 
 # --- exact fallback for causal columns whose stabiliser could drop mass ----------------
@@ -272,8 +306,8 @@ def _causal_head(k, v, keep, a, c, g, omega, floor, state, m):
     """g * causal output (B, T, F) of head m; with a state, past keys count and the state absorbs this chunk."""
     B, T, F = k.shape
     z0 = k.new_full((B, 1, F), -_INF) if state is None else state.z0[m].to(k.dtype)
-    buf, last, Z, zmin = _causal_terms_k(k, v, keep, a[m], c[m], z0)
-    prefix_sum_(buf.view(B, T, 2 * F))
+    terms, Z, zmin = _causal_terms_k(k, v, keep, a[m], c[m], z0)
+    P, carry, total = chunk_prefix_sums(terms.view(B, -1, 2 * F))
     if state is None:
         past64 = torch.zeros(B, 1, 2, F, dtype=torch.float64, device=k.device)
         init = (z0.double(), past64[:, :, 0], past64[:, :, 1])
@@ -282,11 +316,12 @@ def _causal_head(k, v, keep, a, c, g, omega, floor, state, m):
         scale = torch.exp(state.z0[m] - Z.double())  # (B, 1, F) <= 1: past sums restabilised to Z
         past64 = torch.stack((state.S0[m] * scale, state.Q0[m] * scale), dim=2)  # (B, 1, 2, F)
     omega_t, floor_t = _scalar(omega, k), _scalar(floor, k)
-    y = _causal_output_k(k, v, buf, past64.to(k.dtype), Z, a[m], c[m], g[m], omega_t, floor_t)
+    y = _causal_output_k(k, v, P.view(B, -1, 2, F), carry.view(B, -1, 2, F), past64.to(k.dtype), Z,
+                         a[m], c[m], g[m], omega_t, floor_t)
     n_keys = T + (0 if state is None else state.n)
     y = _repair_unsafe(y, k, v, keep, a[m], c[m], g[m], omega, floor_t, init, Z, zmin, n_keys)
     if state is not None:
-        total = past64 + (buf[:, -1:] + last).double()  # (B, 1, 2, F): all keys so far, stabilised by Z
+        total = past64 + total.view(B, 1, 2, F).double()  # (B, 1, 2, F): all keys so far, stabilised by Z
         state.z0[m], state.S0[m], state.Q0[m] = Z.double(), total[:, :, 0], total[:, :, 1]
     return y
 
@@ -376,10 +411,10 @@ def _pairs_in(dtype, s, u, eps, keep, causal, omega, past64):
     if not causal:
         out, zmax = _pair_bidirectional_output_k(s, u, keep, eps, n)
         return out, None, float(zmax)
-    buf, last, zmax = _pair_terms_k(s, u, keep, eps)
-    prefix_sum_(buf.view(B, T, 4 * F))
-    out = _pair_causal_output_k(s, u, eps, buf, past64.to(dtype), n)
-    return out, buf[:, -1:] + last, float(zmax)
+    terms, zmax = _pair_terms_k(s, u, keep, eps)
+    P, carry, total = chunk_prefix_sums(terms.view(B, -1, 4 * F))
+    out = _pair_causal_output_k(s, u, eps, P.view(B, -1, 4, F), carry.view(B, -1, 4, F), past64.to(dtype), n)
+    return out, total.view(B, 1, 4, F), float(zmax)
 
 
 def _pairs(s, u, eps, omega, keep, causal, past64, zmax_past=0.0):

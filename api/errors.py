@@ -1,0 +1,79 @@
+"""One error shape for every failure: ``{"error": {"code", "message", "fields"?}}``.
+
+Codes are stable and meant for programs; messages are for people. No handler ever
+returns a stack trace: unexpected exceptions are logged and answered with a generic 500.
+"""
+from __future__ import annotations
+
+import logging
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.schemas import ErrorBody, ErrorResponse, FieldError
+from shared.job_options import CALIBRATION_TAGS
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status_code: int, code: str, message: str):
+        super().__init__(message)
+        self.status_code, self.code, self.message = status_code, code, message
+
+
+def _respond(status_code: int, body: ErrorBody, headers=None) -> JSONResponse:
+    return JSONResponse(
+        ErrorResponse(error=body).model_dump(exclude_none=True), status_code=status_code, headers=headers
+    )
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def field_errors(exc: RequestValidationError) -> list[FieldError]:
+    fields = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        location, rest = (loc[0], loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else ("body", loc)
+        # A union (calibration) names the branch it tried; the user wrote no such field.
+        rest = tuple(p for p in rest if p not in CALIBRATION_TAGS)
+        message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        fields.append(FieldError(location=str(location), path=_path(rest), message=message))
+    return fields
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _respond(exc.status_code, ErrorBody(code=exc.code, message=exc.message))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        fields = field_errors(exc)
+        names = ", ".join(f.path or f.location for f in fields[:5])
+        return _respond(422, ErrorBody(
+            code="validation_error", message=f"invalid request: {names}", fields=fields,
+        ))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _respond(exc.status_code, ErrorBody(code=code, message=str(exc.detail)), getattr(exc, "headers", None))
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_down(request: Request, exc: redis.RedisError):
+        log.warning("redis unavailable: %s", exc)
+        return _respond(503, ErrorBody(code="store_unavailable", message="the job store is unavailable; retry shortly"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _respond(500, ErrorBody(code="internal_error", message="an internal error occurred"))

@@ -1,0 +1,153 @@
+"""Request and response bodies of the HTTP API.
+
+Kept apart from the stored record (shared.jobs.Job): the API shows what a user needs
+(links, download URLs) and hides what is internal (S3 keys, the owner).
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.job_options import JobOptions
+from shared.jobs import Job, JobState, Progress
+
+SOURCE_SCHEMES = ("http", "https", "s3")
+MAX_BATCH = 100
+MAX_PAGE = 100
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{
+                "source_url": "https://example.org/models/gpt2-tiny/",
+                "options": {"dtype": "float32", "calibration": {"tokens": 256, "seq_len": 64}},
+                "idempotency_key": "gpt2-tiny-2024-06-01",
+            }]
+        },
+    )
+
+    source_url: str = Field(
+        min_length=1, max_length=2048,
+        description="A Hugging Face model directory given as a base URL (its files are fetched by "
+        "name), a .tar / .tar.gz archive of one, or an s3://bucket/prefix on the service's S3.",
+    )
+    options: JobOptions = Field(default_factory=JobOptions)
+    idempotency_key: Optional[str] = Field(
+        None, min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+        description="Submitting the same key again returns the first job instead of a new one.",
+    )
+
+    @field_validator("source_url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme.lower() not in SOURCE_SCHEMES or not parts.netloc:
+            raise ValueError("source_url must be an http://, https:// or s3:// URL")
+        return value
+
+
+class JobLinks(BaseModel):
+    self: str
+    cancel: str
+
+
+class JobCreated(BaseModel):
+    id: str
+    state: JobState
+    links: JobLinks
+
+
+class BatchCreated(BaseModel):
+    jobs: list[JobCreated]
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    url: str = Field(description="GET it to be redirected to a short-lived download URL")
+
+
+class ErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    id: str
+    state: JobState
+    source_url: str
+    options: JobOptions
+    idempotency_key: Optional[str]
+    progress: Progress
+    created_at: datetime
+    updated_at: datetime
+    started_at: Optional[datetime]
+    finished_at: Optional[datetime]
+    attempts: int
+    cancel_requested: bool
+    error: Optional[ErrorOut]
+    summary: Optional[dict[str, Any]]
+    artifacts: list[ArtifactOut]
+    links: JobLinks
+
+
+class JobPage(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: Optional[str] = Field(description="pass as ?cursor= for the next page; null on the last")
+
+
+class FieldError(BaseModel):
+    location: str  # body, query, path
+    path: str  # e.g. "options.calibration.tokens" or "[2].source_url"
+    message: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    fields: Optional[list[FieldError]] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)
+
+
+# --- record -> response ------------------------------------------------------------------
+
+def job_links(request: Request, job_id: str) -> JobLinks:
+    return JobLinks(
+        self=str(request.url_for("get_job", job_id=job_id)),
+        cancel=str(request.url_for("cancel_job", job_id=job_id)),
+    )
+
+
+def job_created(request: Request, job: Job) -> JobCreated:
+    return JobCreated(id=job.id, state=job.state, links=job_links(request, job.id))
+
+
+def job_out(request: Request, job: Job) -> JobOut:
+    return JobOut(
+        **job.model_dump(include={
+            "id", "state", "source_url", "options", "idempotency_key", "progress", "created_at",
+            "updated_at", "started_at", "finished_at", "attempts", "cancel_requested", "error", "summary",
+        }),
+        artifacts=[
+            ArtifactOut(
+                name=a.name, size=a.size,
+                url=str(request.url_for("get_artifact", job_id=job.id, name=a.name)),
+            )
+            for a in job.artifacts
+        ],
+        links=job_links(request, job.id),
+    )

@@ -1,0 +1,108 @@
+"""Per-token greedy generation cost, converted vs source, side by side.
+
+Source: transformers' generate(do_sample=False, use_cache=True, min_new_tokens =
+max_new_tokens = N, pad_token_id=0). Converted: ConvertedModel.generate(prompt, N) (KV
+cache for the source attention, O(F) running sums per head group). Same weights, same
+8-token prompt, fp32, CPU, batch 1; per token = total wall time / N (the prompt's
+prefill included). Interleaved repeats, medians. Also checks that both produce the same
+token sequence, and (one extra instrumented run) how much of the converted decode is
+spent inside the head-group caches (HeadGroupCache.step + ProductPairsCache.step).
+
+    .venv/bin/python bench/generate.py            # N = 256
+    .venv/bin/python bench/generate.py --quick    # tiny smoke run
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
+
+TARGET = 1.5
+PROMPT_LEN = 8
+
+
+def extra_args(parser):
+    parser.add_argument("--tokens", type=int, default=None, help="tokens to generate (default 256, quick 16)")
+    parser.add_argument("--repeats", type=int, default=None)
+
+
+def bench_model(name, root, new_tokens, repeats):
+    import torch
+    from shared.conversion import fastpath, load_converted
+
+    src_dir, out_dir = common.prepare(name, root)
+    source = common.load_source(src_dir)
+    converted = load_converted(out_dir, device="cpu", head_impl="fast")
+    vocab = source.config.vocab_size
+    print(f"\n[{name}] {common.MODELS[name][3]}")
+    print(f"  heads per unit: {common.heads_per_unit(out_dir)}")
+    prompt = torch.randint(0, vocab, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+
+    def run_source(n):
+        with torch.no_grad():
+            return source.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
+                                   min_new_tokens=n, max_new_tokens=n, pad_token_id=0)
+
+    def run_converted(n):
+        return converted.generate(prompt, n)
+
+    run_source(4), run_converted(4)  # warm-up
+    t_src, t_conv = [], []
+    for r in range(repeats):
+        order = ("src", "conv") if r % 2 == 0 else ("conv", "src")
+        for which in order:
+            if which == "src":
+                s, seq_src = common.timed(lambda: run_source(new_tokens))
+                t_src.append(s)
+            else:
+                s, seq_conv = common.timed(lambda: run_converted(new_tokens))
+                t_conv.append(s)
+    assert seq_src.shape == seq_conv.shape == (1, PROMPT_LEN + new_tokens), (seq_src.shape, seq_conv.shape)
+    same = torch.equal(seq_src, seq_conv)
+    if same:
+        identical = f"yes ({new_tokens}/{new_tokens})"
+    else:
+        first = int((seq_src[0] != seq_conv[0]).nonzero()[0]) - PROMPT_LEN
+        identical = f"NO: first difference at generated token {first}"
+    totals = {}
+    targets = [(fastpath.HeadGroupCache, "step", "heads"), (fastpath.ProductPairsCache, "step", "heads")]
+    with common.accumulate_time(targets, totals):
+        t_instr, _ = common.timed(lambda: run_converted(new_tokens))
+    src_tok, conv_tok = common.median(t_src) / new_tokens, common.median(t_conv) / new_tokens
+    ratio = conv_tok / src_tok
+    row = [name, common.fmt_s(src_tok), common.fmt_s(conv_tok), common.fmt_ratio(ratio),
+           common.fmt_ratio(min(t_conv) / min(t_src)), identical,
+           f"{common.fmt_s(totals.get('heads', 0.0) / new_tokens)} of {common.fmt_s(t_instr / new_tokens)}"]
+    summary = [
+        common.summary_row(f"generate {name}: per-token converted / source", ratio, TARGET,
+                           f"{new_tokens} tokens, {repeats} repeats, medians"),
+        common.summary_row(f"generate {name}: token sequences identical", identical),
+    ]
+    return row, summary
+
+
+def main(argv=None):
+    args = common.parse_args("per-token generation cost, converted vs source", argv, extra_args)
+    new_tokens = args.tokens or (16 if args.quick else 256)
+    repeats = args.repeats or (2 if args.quick else 3)
+    print(common.machine_line())
+    print(common.NO_GPU_NOTE)
+    rows, summary = [], []
+    with common.workdir(args.workdir) as root:
+        for name in common.FORWARD_MODELS[args.quick]:
+            row, rows_summary = bench_model(name, root, new_tokens, repeats)
+            rows.append(row)
+            summary += rows_summary
+    common.print_table(
+        f"generate: greedy, {new_tokens} new tokens after an {PROMPT_LEN}-token prompt, fp32, CPU, batch 1, "
+        f"{repeats} interleaved repeats (medians)",
+        ["model", "source / token", "converted / token", "conv/src", "(min/min)", "same tokens",
+         "in head-group caches / token (1 run)"],
+        rows)
+    common.write_summary(args.json, summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs everything the service, the local runner and the tests need on a Debian or
+# Ubuntu machine: redis-server and docker-compose (Debian packages), a virtual
+# environment in .venv, and requirements-dev.txt into it. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "bootstrap: need root to install ${missing[*]}" >&2; exit 1; }
+    sudo=sudo
+  fi
+  echo "bootstrap: installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "bootstrap: Python 3.11 or newer is needed (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating .venv"
+  "$python" -m venv .venv
+fi
+echo "bootstrap: installing Python requirements into .venv"
+.venv/bin/python -m pip install -q -r requirements-dev.txt

@@ -1,0 +1,49 @@
+"""/healthz and /readyz."""
+from fastapi.testclient import TestClient
+
+from api.main import app
+from deploy.local import free_port
+from shared.settings import get_settings
+
+
+def _client_for(settings):
+    app.dependency_overrides[get_settings] = lambda: settings
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def test_healthz_needs_nothing(make_settings):
+    dead = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        r = _client_for(dead).get("/healthz")
+    finally:
+        app.dependency_overrides.clear()
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_readyz_when_redis_and_s3_answer(settings, storage):
+    try:
+        r = _client_for(settings).get("/readyz")
+    finally:
+        app.dependency_overrides.clear()
+    assert r.status_code == 200
+    assert r.json() == {"status": "ready", "checks": {"redis": "ok", "s3": "ok"}}
+
+
+def test_readyz_503_when_redis_is_down(make_settings, storage):
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        r = _client_for(settings).get("/readyz")
+    finally:
+        app.dependency_overrides.clear()
+    assert r.status_code == 503
+    assert r.json()["checks"] == {"redis": "unreachable", "s3": "ok"}
+
+
+def test_readyz_503_when_s3_is_down(make_settings):
+    settings = make_settings(s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+    try:
+        r = _client_for(settings).get("/v1/readyz")  # also served under /v1
+    finally:
+        app.dependency_overrides.clear()
+    assert r.status_code == 503
+    assert r.json()["checks"] == {"redis": "ok", "s3": "unreachable"}

@@ -1,0 +1,53 @@
+"""Settings: environment variables, defaults, validation."""
+import pytest
+from pydantic import ValidationError
+
+from shared.settings import Settings
+
+
+def test_defaults_are_safe(monkeypatch):
+    for name in list(__import__("os").environ):
+        if name.startswith("ATTNONLY_"):
+            monkeypatch.delenv(name)
+    s = Settings()
+    assert s.allow_pickle is False
+    assert s.fetch_allow_hosts == []  # loopback and private hosts are refused by default
+    assert s.s3_endpoint_url is None
+    assert s.visibility_timeout > s.task_time_limit
+    assert s.gpu_queue == "gpu"
+
+
+def test_reads_prefixed_environment(monkeypatch):
+    monkeypatch.setenv("ATTNONLY_REDIS_URL", "redis://example:6380/2")
+    monkeypatch.setenv("ATTNONLY_FETCH_ALLOW_HOSTS", "127.0.0.1, localhost")
+    monkeypatch.setenv("ATTNONLY_S3_SECRET_KEY", "hunter2")
+    monkeypatch.setenv("ATTNONLY_ALLOW_PICKLE", "true")
+    s = Settings()
+    assert s.redis_url == "redis://example:6380/2"
+    assert s.fetch_allow_hosts == ["127.0.0.1", "localhost"]
+    assert s.allow_pickle is True
+    assert s.s3_credentials()[1] == "hunter2"
+    assert "hunter2" not in repr(s)  # secrets stay out of logs
+
+
+def test_visibility_timeout_must_exceed_time_limit():
+    with pytest.raises(ValidationError, match="visibility_timeout"):
+        Settings(task_time_limit=3600, visibility_timeout=3600)
+    assert Settings(task_time_limit=3600, visibility_timeout=3601).visibility_timeout == 3601
+
+
+def test_public_endpoint_falls_back_to_the_internal_one():
+    assert Settings(s3_endpoint_url="http://minio:9000").public_s3_endpoint == "http://minio:9000"
+    s = Settings(s3_endpoint_url="http://minio:9000", s3_public_endpoint_url="http://localhost:9000")
+    assert s.public_s3_endpoint == "http://localhost:9000"
+
+
+def test_fetch_limits_carry_the_settings():
+    s = Settings(max_download_bytes=1234, fetch_allow_hosts=["127.0.0.1"], fetch_max_redirects=2,
+                 s3_endpoint_url="http://s3:9000", s3_access_key="a", s3_secret_key="b")
+    limits = s.fetch_limits()
+    assert limits.max_download_bytes == 1234
+    assert tuple(limits.allow_hosts) == ("127.0.0.1",)
+    assert limits.max_redirects == 2
+    assert limits.allow_pickle is False
+    assert (limits.s3_endpoint_url, limits.s3_access_key, limits.s3_secret_key) == ("http://s3:9000", "a", "b")

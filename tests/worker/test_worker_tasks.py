@@ -1,0 +1,274 @@
+"""The job task, run in-process against real Redis and S3, with stand-ins for the
+download and the conversion where a test needs to steer them."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from deploy.demo import serve_directory
+from shared.conversion.errors import InvalidOptionsError, UnsupportedArchitectureError
+from shared.fetch import FetchError
+from shared.jobs import JobState
+from shared.storage import job_prefix
+from worker.tasks import ARTIFACT_NAMES, ProgressReporter, run_job
+
+STAGES = ("loading", "calibrating", "converting", "checking", "writing")
+
+
+def fake_fetch(url, dest: Path, limits, progress=None):
+    assert limits.allow_pickle is False
+    (dest / "config.json").write_text('{"model_type": "gpt2"}')
+    if progress:
+        progress(50, 100)
+        progress(100, 100)
+    return dest
+
+
+class FakeConvert:
+    """Behaves like shared.conversion.convert: reports stages, polls for cancel between
+    layers, writes the three files; ``seen`` keeps what it was called with."""
+
+    def __init__(self, passed=True, layers=3, raise_at=None, on_layer=None):
+        self.passed, self.layers, self.raise_at, self.on_layer = passed, layers, raise_at, on_layer
+        self.calls = []
+        self.progress_seen = []
+
+    def __call__(self, source_dir, out_dir, opts, progress=None, should_cancel=None):
+        from shared.conversion.errors import ConversionCancelled
+
+        self.calls.append(opts)
+        assert (Path(source_dir) / "config.json").exists()
+        for stage in STAGES:
+            for layer in range(self.layers):
+                if should_cancel and should_cancel():
+                    raise ConversionCancelled("cancelled between layers")
+                if self.on_layer:
+                    self.on_layer(stage, layer)
+                if self.raise_at == (stage, layer):
+                    raise self.error
+                progress(stage, layer + 1, self.layers)
+        out = Path(out_dir)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text('{"converted": true}')
+        (out / "model.safetensors").write_bytes(b"\x01" * 64)
+        (out / "report.json").write_text(json.dumps({"passed": self.passed}))
+        return SimpleNamespace(passed=self.passed, summary={"passed": self.passed, "max_rel_error": 1e-7})
+
+
+def run(store, storage, settings, job_id, **kw):
+    kw.setdefault("fetch", fake_fetch)
+    return run_job(job_id, settings=settings, store=store, storage=storage, device="cpu", **kw)
+
+
+def test_success_uploads_artifacts_and_records_progress(store, storage, settings):
+    job, _ = store.create("https://example.org/m/", None)
+    states = []
+    convert = FakeConvert(on_layer=lambda stage, layer: states.append(store.get(job.id).state))
+    assert run(store, storage, settings, job.id, convert=convert) == JobState.succeeded
+
+    done = store.get(job.id)
+    assert done.state == JobState.succeeded
+    assert done.progress.percent == 100
+    assert done.progress.layers_total == 3
+    assert done.summary == {"passed": True, "max_rel_error": 1e-7}
+    assert [a.name for a in done.artifacts] == list(ARTIFACT_NAMES)
+    assert sorted(storage.list_keys(job_prefix(job.id))) == sorted(f"jobs/{job.id}/{n}" for n in ARTIFACT_NAMES)
+    assert {a.name: a.size for a in done.artifacts}["model.safetensors"] == 64
+    # The conversion stages show as the job states users see.
+    assert JobState.converting in states and JobState.checking in states
+    # The options reach the conversion; the device is the worker's choice.
+    opts = convert.calls[0]
+    assert opts.device == "cpu" and opts.calibration_tokens == 256 and opts.allow_pickle is False
+    assert not (Path(settings.work_dir) / job.id).exists()  # work folder removed
+
+
+def test_redelivered_finished_job_is_not_redone(store, storage, settings):
+    job, _ = store.create("https://example.org/m/", None)
+    convert = FakeConvert()
+    run(store, storage, settings, job.id, convert=convert)
+    first = store.get(job.id)
+    assert run(store, storage, settings, job.id, convert=convert) == JobState.succeeded
+    assert len(convert.calls) == 1
+    assert store.get(job.id).updated_at == first.updated_at
+
+
+def test_job_caught_mid_run_starts_again_cleanly(store, storage, settings):
+    job, _ = store.create("https://example.org/m/", None)
+    store.claim(job.id)  # as if a worker died after taking it
+    stale = Path(settings.work_dir) / job.id / "source" / "stale.bin"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a download")
+    assert run(store, storage, settings, job.id, convert=FakeConvert()) == JobState.succeeded
+    assert store.get(job.id).attempts == 2
+
+
+def test_too_many_attempts_fails_instead_of_looping(store, storage, make_settings):
+    settings = make_settings(max_attempts=2)
+    job, _ = store.create("https://example.org/m/", None)
+    store.claim(job.id)
+    store.claim(job.id)
+    convert = FakeConvert()
+    assert run(store, storage, settings, job.id, convert=convert) == JobState.failed
+    assert store.get(job.id).error.code == "too_many_attempts"
+    assert convert.calls == []
+
+
+@pytest.mark.parametrize("error, code", [
+    (UnsupportedArchitectureError("model_type 'foo' is not supported"), "unsupported_architecture"),
+    (InvalidOptionsError("tolerance must be in (0, 1)"), "invalid_options"),
+])
+def test_conversion_errors_keep_their_code(store, storage, settings, error, code):
+    job, _ = store.create("https://example.org/m/", None)
+    convert = FakeConvert(raise_at=("converting", 1))
+    convert.error = error
+    assert run(store, storage, settings, job.id, convert=convert) == JobState.failed
+    failed = store.get(job.id)
+    assert failed.error.code == code
+    assert failed.error.message == error.message
+    assert failed.artifacts == [] and storage.list_keys(job_prefix(job.id)) == []
+
+
+def test_unexpected_errors_are_internal_without_a_trace(store, storage, settings, caplog):
+    job, _ = store.create("https://example.org/m/", None)
+    convert = FakeConvert(raise_at=("checking", 0))
+    convert.error = ZeroDivisionError("secret detail in /srv/path.py")
+    assert run(store, storage, settings, job.id, convert=convert) == JobState.failed
+    err = store.get(job.id).error
+    assert err.code == "internal_error"
+    assert "secret" not in err.message and "Traceback" not in err.message and job.id in err.message
+    assert "ZeroDivisionError" in caplog.text  # the operators get the details in the log
+
+
+def test_failed_checks_fail_the_job_but_keep_the_report(store, storage, settings):
+    job, _ = store.create("https://example.org/m/", None)
+    assert run(store, storage, settings, job.id, convert=FakeConvert(passed=False)) == JobState.failed
+    failed = store.get(job.id)
+    assert failed.error.code == "check_failed"
+    assert failed.summary == {"passed": False, "max_rel_error": 1e-7}
+    assert "report.json" in [a.name for a in failed.artifacts]
+
+
+def test_cancel_while_converting_stops_within_a_layer(store, storage, settings):
+    job, _ = store.create("https://example.org/m/", None)
+    layers_run = []
+
+    def on_layer(stage, layer):
+        layers_run.append((stage, layer))
+        if (stage, layer) == ("converting", 0):
+            store.request_cancel(job.id)
+
+    convert = FakeConvert(on_layer=on_layer)
+    assert run(store, storage, settings, job.id, convert=convert) == JobState.cancelled
+    cancelled = store.get(job.id)
+    assert cancelled.state == JobState.cancelled and cancelled.error.code == "cancelled"
+    assert layers_run[-1] == ("converting", 0)  # the next layer never started
+    assert storage.list_keys(job_prefix(job.id)) == []
+    assert not store.cancel_requested(job.id)
+
+
+def test_cancel_during_upload_removes_partial_artifacts(store, storage, settings, monkeypatch):
+    job, _ = store.create("https://example.org/m/", None)
+    real_upload = storage.upload_job_files
+
+    def upload_then_cancel(job_id, folder, names):
+        out = real_upload(job_id, folder, names)
+        store.request_cancel(job_id)
+        return out
+
+    monkeypatch.setattr(storage, "upload_job_files", upload_then_cancel)
+    assert run(store, storage, settings, job.id, convert=FakeConvert()) == JobState.cancelled
+    assert storage.list_keys(job_prefix(job.id)) == []
+
+
+def test_real_fetch_of_a_missing_source_fails_with_its_code(store, storage, settings, tmp_path):
+    with serve_directory(tmp_path) as base:
+        job, _ = store.create(base + "nothing-here/", None)
+        convert = FakeConvert()
+        assert run_job(job.id, settings=settings, store=store, storage=storage, device="cpu",
+                       convert=convert) == JobState.failed
+    failed = store.get(job.id)
+    assert failed.error.code == "source_not_found"
+    assert convert.calls == []
+
+
+def test_fetch_errors_keep_their_code(store, storage, settings):
+    job, _ = store.create("https://example.org/m/", None)
+
+    def refuse(url, dest, limits, progress=None):
+        raise FetchError("url_address_blocked", "the host resolves to a private address")
+
+    assert run(store, storage, settings, job.id, fetch=refuse, convert=FakeConvert()) == JobState.failed
+    assert store.get(job.id).error.code == "url_address_blocked"
+
+
+def test_cancel_during_download(store, storage, settings, monkeypatch):
+    monkeypatch.setattr(ProgressReporter, "MIN_INTERVAL", 0.0)  # no throttling: check at once
+    job, _ = store.create("https://example.org/m/", None)
+
+    def slow_fetch(url, dest, limits, progress=None):
+        store.request_cancel(job.id)
+        progress(10, 100)  # fetch_source lets the callback's exception through
+        raise AssertionError("the download should have been stopped")
+
+    assert run(store, storage, settings, job.id, fetch=slow_fetch, convert=FakeConvert()) == JobState.cancelled
+
+
+def test_unknown_job_is_dropped(store, storage, settings):
+    assert run(store, storage, settings, "no-such-job", convert=FakeConvert()) is None
+
+
+def test_progress_is_throttled_but_keeps_stage_changes(store):
+    job, _ = store.create("https://example.org/m/", None)
+    store.claim(job.id)
+    writes = []
+    original = store.advance
+    store.advance = lambda *a, **k: writes.append(a) or original(*a, **k)
+    reporter = ProgressReporter(store, job.id)
+    for done in range(1000):
+        reporter.download(done, 10_000)
+    reporter.stage("loading", 0, 1)
+    assert 1 <= len(writes) <= 3
+    assert writes[-1][1] == JobState.converting
+    assert store.get(job.id).progress.stage == "loading"
+
+
+@pytest.mark.parametrize("order", [
+    ("loading", "calibrating", "converting", "checking", "writing"),
+    ("loading", "calibrating", "converting", "writing", "checking"),
+])
+def test_progress_never_goes_backwards(store, order):
+    job, _ = store.create("https://example.org/m/", None)
+    store.claim(job.id)
+    reporter = ProgressReporter(store, job.id)
+    seen = []
+    for stage in order:
+        for layer in range(2):
+            reporter.stage(stage, layer + 1, 2)
+            got = store.get(job.id)
+            seen.append((got.progress.percent, ("downloading", "converting", "checking").index(got.state.value)))
+    assert seen == sorted(seen)
+    assert store.get(job.id).progress.layers_total == 2
+
+
+def test_worker_parent_never_imports_torch():
+    # CUDA must be touched only in the pool's children: the modules the prefork parent
+    # imports (the app, and the tasks it includes) must not pull torch in.
+    code = "import sys, worker.app, worker.tasks, api.main; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "False"
+
+
+def test_storage_outage_fails_the_job_with_a_clear_code(store, make_settings):
+    from deploy.local import free_port
+    from shared.storage import Storage
+
+    settings = make_settings(s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+    job, _ = store.create("https://example.org/m/", None)
+    assert run(store, Storage(settings, quick=True), settings, job.id, convert=FakeConvert()) == JobState.failed
+    failed = store.get(job.id)
+    assert failed.error.code == "storage_unavailable" and failed.artifacts == []
+    assert not (Path(settings.work_dir) / job.id).exists()

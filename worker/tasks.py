@@ -1,0 +1,274 @@
+"""The job task: download -> convert and check -> upload -> record the outcome.
+
+The task is idempotent, because late acknowledgement means a message can arrive twice
+(a worker crash, a lost connection): a job that already finished is not redone, and a job
+caught half-way starts again from a clean folder. Progress goes to the job store as it
+happens; the cancel flag is polled between layers.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Optional
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from shared.jobs import Artifact, JobError, JobState, JobStore, Progress, redis_client
+from shared.settings import Settings, get_settings
+from shared.storage import Storage, StorageError, job_prefix
+from worker.app import CONVERT_TASK, celery_app
+
+log = logging.getLogger(__name__)
+
+# What a converted checkpoint consists of; all three are uploaded.
+ARTIFACT_NAMES = ("config.json", "model.safetensors", "report.json")
+
+# The part of the progress bar each stage fills, and the job state it shows as:
+# stage -> (state, start %, end %). The conversion may write its weights before or after
+# its checks; the reporter never moves the bar or the state backwards, so either order
+# reads as steady progress.
+PHASES: dict[str, tuple[JobState, float, float]] = {
+    "downloading": (JobState.downloading, 0, 10),
+    "loading": (JobState.converting, 10, 15),
+    "calibrating": (JobState.converting, 15, 30),
+    "converting": (JobState.converting, 30, 60),
+    "writing": (JobState.converting, 60, 65),
+    "checking": (JobState.checking, 65, 95),
+    "uploading": (JobState.uploading, 95, 100),
+}
+STATE_ORDER = (JobState.downloading, JobState.converting, JobState.checking, JobState.uploading)
+LAYER_STAGES = ("converting", "checking")
+
+
+class JobCancelled(Exception):
+    """A cancel was noticed between the conversion's own checks (download, upload)."""
+
+
+class ProgressReporter:
+    """Turns stage callbacks into job-store writes, at most a few a second."""
+
+    MIN_INTERVAL = 0.5  # seconds between writes that only move the percentage
+
+    def __init__(self, store: JobStore, job_id: str, cancelled: Optional[Callable[[], bool]] = None):
+        self.store, self.job_id, self.cancelled = store, job_id, cancelled
+        self._last: Optional[Progress] = None
+        self._last_state: Optional[JobState] = None
+        self._last_time = 0.0
+
+    def stage(self, stage: str, done: int, total: int) -> bool:
+        """Record progress; returns whether it was written (False: throttled)."""
+        state, start, end = PHASES.get(stage, (JobState.converting, 30, 60))
+        fraction = min(1.0, done / total) if total else 0.0
+        percent = round(start + (end - start) * fraction, 1)
+        if self._last is not None:
+            state = max(state, self._last_state, key=STATE_ORDER.index)
+            percent = max(percent, self._last.percent)
+        layers_done, layers_total = (
+            (done, total) if stage in LAYER_STAGES else
+            (self._last.layers_done, self._last.layers_total) if self._last else (None, None)
+        )
+        progress = Progress(
+            percent=percent, stage=stage,
+            layers_done=layers_done, layers_total=layers_total,
+        )
+        now = time.monotonic()
+        important = (
+            self._last is None or state != self._last_state or stage != self._last.stage
+            or (total and done == total) or progress.layers_done != self._last.layers_done
+        )
+        if not important and now - self._last_time < self.MIN_INTERVAL:
+            return False
+        self._last, self._last_state, self._last_time = progress, state, now
+        self.store.advance(self.job_id, state, progress)
+        return True
+
+    def download(self, done: int, total: Optional[int]) -> None:
+        # Without a Content-Length the bar stays at the start of the download phase.
+        wrote = self.stage("downloading", done if total else 0, total or 0)
+        # fetch_source lets an exception from its progress callback through (after
+        # cleaning up): that is how a cancel stops a long download. Checked only as
+        # often as progress is written, to keep Redis round trips off the byte loop.
+        if wrote and self.cancelled is not None and self.cancelled():
+            raise JobCancelled()
+
+
+@lru_cache
+def _services() -> tuple[Settings, JobStore, Storage]:
+    settings = get_settings()
+    store = JobStore(redis_client(settings.redis_url), settings.redis_key_prefix, settings.job_ttl_seconds)
+    return settings, store, Storage(settings)
+
+
+def _pick_device(settings: Settings) -> str:
+    if settings.device:
+        return settings.device
+    import torch  # here, in the child: the prefork parent never touches CUDA
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@celery_app.task(name=CONVERT_TASK)
+def convert_job(job_id: str) -> Optional[str]:
+    settings, store, storage = _services()
+    state = run_job(job_id, settings=settings, store=store, storage=storage, device=_pick_device(settings))
+    return state.value if state is not None else None
+
+
+def run_job(
+    job_id: str,
+    *,
+    settings: Settings,
+    store: JobStore,
+    storage: Storage,
+    device: Optional[str] = None,
+    fetch: Optional[Callable] = None,
+    convert: Optional[Callable] = None,
+) -> Optional[JobState]:
+    """Run one job to a finished state; returns that state (None: no such job).
+
+    ``fetch`` and ``convert`` default to shared.fetch.fetch_source and
+    shared.conversion.convert; tests pass stand-ins."""
+    job = store.get(job_id)
+    if job is None:
+        log.warning("job %s: no record (expired or never created); message dropped", job_id)
+        return None
+    if job.state.finished:
+        log.info("job %s: already %s; not redone", job_id, job.state.value)
+        return job.state
+    if job.attempts >= settings.max_attempts:
+        # Each earlier delivery ended without recording an outcome: the worker died
+        # (crash, OOM kill, hard time limit). Stop the loop of redeliveries here.
+        store.finish(job_id, JobState.failed, error=JobError(
+            code="too_many_attempts",
+            message=f"the worker stopped {job.attempts} times while running this job; it is not retried again",
+        ))
+        return JobState.failed
+    job = store.claim(job_id)
+    if job is None:
+        current = store.get(job_id)
+        return current.state if current else None
+
+    workdir = Path(settings.work_dir) / job_id
+    log.info("job %s: attempt %d, source %s, device %s", job_id, job.attempts, job.source_url, device or "auto")
+    try:
+        _reset_dir(workdir)
+        return _pipeline(job, workdir, settings, store, storage, device, fetch, convert)
+    except Exception as exc:  # every failure becomes a finished job with a clear code
+        return _record_failure(job_id, exc, store, storage)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _pipeline(job, workdir: Path, settings: Settings, store: JobStore, storage: Storage,
+              device: Optional[str], fetch: Optional[Callable], convert: Optional[Callable]) -> JobState:
+    if fetch is None:
+        from shared.fetch import fetch_source as fetch
+    if convert is None:
+        from shared.conversion import convert
+    from shared.conversion.options import ConversionOptions
+
+    def cancelled() -> bool:
+        return store.cancel_requested(job.id)
+
+    reporter = ProgressReporter(store, job.id, cancelled)
+    source, out = workdir / "source", workdir / "out"
+    source.mkdir(parents=True)
+
+    reporter.download(0, None)  # the first write: it also notices a cancel asked meanwhile
+    fetch(job.source_url, source, settings.fetch_limits(), progress=reporter.download)
+    if cancelled():
+        raise JobCancelled()
+
+    options = ConversionOptions(
+        **job.options.to_conversion_kwargs(), device=device, allow_pickle=settings.allow_pickle
+    )
+    report = convert(source, out, options, progress=reporter.stage, should_cancel=cancelled)
+    if cancelled():
+        raise JobCancelled()
+
+    reporter.stage("uploading", 0, len(ARTIFACT_NAMES))
+    storage.ensure_bucket()  # here, not at start-up: an S3 outage then fails this job clearly
+    artifacts: list[Artifact] = []
+    for i, name in enumerate(ARTIFACT_NAMES):
+        artifacts += storage.upload_job_files(job.id, out, [name])
+        reporter.stage("uploading", i + 1, len(ARTIFACT_NAMES))
+        if cancelled():
+            raise JobCancelled()
+
+    summary = report.summary
+    if report.passed:
+        store.finish(job.id, JobState.succeeded, summary=summary, artifacts=artifacts)
+        log.info("job %s: succeeded", job.id)
+        return JobState.succeeded
+    # The checkpoint exists but does not match its source within the tolerance: keep the
+    # artifacts (report.json says where it diverges) and say so in the error.
+    store.finish(job.id, JobState.failed, summary=summary, artifacts=artifacts, error=JobError(
+        code="check_failed",
+        message="the converted model does not match the source within the tolerance; see report.json",
+    ))
+    log.warning("job %s: equivalence checks failed", job.id)
+    return JobState.failed
+
+
+def _record_failure(job_id: str, exc: Exception, store: JobStore, storage: Storage) -> JobState:
+    state, error = classify(exc, job_id)
+    if state == JobState.failed and error.code == "internal_error":
+        log.error("job %s: internal error", job_id, exc_info=exc)
+    else:
+        log.info("job %s: %s (%s)", job_id, state.value, error.code)
+    try:
+        # No half-uploaded checkpoint stays behind a cancelled or failed job.
+        storage.delete_prefix(job_prefix(job_id))
+    except StorageError:
+        log.warning("job %s: could not remove partial artifacts", job_id)
+    store.finish(job_id, state, error=error)
+    return state
+
+
+def classify(exc: Exception, job_id: str) -> tuple[JobState, JobError]:
+    """The finished state and user-facing error for an exception: stable codes, no traces."""
+    if isinstance(exc, JobCancelled):
+        return JobState.cancelled, JobError(code="cancelled", message="cancelled while running")
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return JobState.failed, JobError(
+            code="time_limit_exceeded", message="the job ran past the worker's time limit")
+    known = _known_errors()
+    if isinstance(exc, known):
+        code = getattr(exc, "code", "conversion_failed")
+        message = getattr(exc, "message", None) or str(exc)
+        if code == "cancelled":
+            return JobState.cancelled, JobError(code="cancelled", message="cancelled while running")
+        return JobState.failed, JobError(code=code, message=message)
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+        return JobState.failed, JobError(
+            code="out_of_memory", message="the model does not fit in the worker's GPU memory")
+    return JobState.failed, JobError(
+        code="internal_error",
+        message=f"an internal error stopped the job; the worker's log has the details (job {job_id})",
+    )
+
+
+def _known_errors() -> tuple[type, ...]:
+    known: list[type] = [StorageError]
+    try:
+        from shared.fetch import FetchError
+
+        known.append(FetchError)
+    except ImportError:
+        log.exception("shared.fetch cannot be imported")
+    try:
+        from shared.conversion.errors import ConversionError
+
+        known.append(ConversionError)
+    except ImportError:
+        log.exception("shared.conversion cannot be imported")
+    return tuple(known)
+
+
+def _reset_dir(path: Path) -> None:
+    # A redelivered job may find the previous attempt's half-written files.
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
