@@ -10,6 +10,8 @@ from typing import Annotated, Callable, Protocol, TypeVar
 
 from fastapi import Depends
 
+from api.limits import RateLimiter
+
 from shared.jobs import JobStore, redis_client
 from shared.settings import Settings, get_settings
 from shared.storage import Storage
@@ -77,3 +79,13 @@ StoreDep = Annotated[JobStore, Depends(get_store)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 ProbeStorageDep = Annotated[Storage, Depends(get_probe_storage)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
+
+
+def get_rate_limiter(settings: SettingsDep, store: StoreDep) -> RateLimiter:
+    return _per_settings(
+        "rate-limiter", settings,
+        lambda s: RateLimiter(store.redis, s.redis_key_prefix, s.rate_limit_jobs, s.rate_limit_window_seconds),
+    )
+
+
+RateLimiterDep = Annotated[RateLimiter, Depends(get_rate_limiter)]

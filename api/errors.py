@@ -6,6 +6,7 @@ returns a stack trace: unexpected exceptions are logged and answered with a gene
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import redis
 from fastapi import FastAPI, Request
@@ -20,9 +21,14 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status_code: int, code: str, message: str):
+    def __init__(self, status_code: int, code: str, message: str, headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.status_code, self.code, self.message = status_code, code, message
+        self.headers = headers
+
+
+def error_response(status_code: int, code: str, message: str, headers=None) -> JSONResponse:
+    return _respond(status_code, ErrorBody(code=code, message=message), headers)
 
 
 def _respond(status_code: int, body: ErrorBody, headers=None) -> JSONResponse:
@@ -53,7 +59,7 @@ def field_errors(exc: RequestValidationError) -> list[FieldError]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return _respond(exc.status_code, ErrorBody(code=exc.code, message=exc.message))
+        return _respond(exc.status_code, ErrorBody(code=exc.code, message=exc.message), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

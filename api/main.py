@@ -5,7 +5,9 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from api import errors
+from api.limits import BodySizeLimit
 from api.routes import api_router, health
+from shared.settings import get_settings
 
 DESCRIPTION = """
 Converts transformer checkpoints (GPT-2, LLaMA and friends, as Hugging Face directories)
@@ -14,6 +16,10 @@ layer against the source, and hands back the converted checkpoint.
 
 Submit a job with `POST /v1/jobs`, poll `GET /v1/jobs/{id}`, then download the
 artifacts from `GET /v1/jobs/{id}/artifacts/{name}`.
+
+Every `/v1/jobs` request needs an API key: `Authorization: Bearer <key>`. A job is
+visible only to the key (owner) that created it. Job creation is rate limited per owner
+(429 with `Retry-After`), and request bodies are capped in size (413).
 """
 
 
@@ -31,3 +37,11 @@ app = FastAPI(
 app.include_router(api_router, prefix="/v1")
 app.include_router(health.router)
 errors.install(app)
+
+
+def _max_request_bytes() -> int:
+    # Through the same dependency the routes use, so that tests' overrides apply here too.
+    return app.dependency_overrides.get(get_settings, get_settings)().max_request_bytes
+
+
+app.add_middleware(BodySizeLimit, limit=_max_request_bytes)

@@ -17,23 +17,23 @@ FAMILIES = ("gpt2", "llama")
 
 
 def make_tiny_checkpoint(out_dir: Path, family: str = "gpt2", *, seed: int = 0,
-                         init_range: float = 0.1) -> Path:
-    """Save a 2-layer model of ``family`` (gpt2, llama) with random weights as a Hugging
-    Face directory (config.json + model.safetensors). ``init_range`` is larger than the
-    usual 0.02 so that the activations reach their non-linear range."""
+                         init_range: float = 0.1, layers: int = 2) -> Path:
+    """Save a ``layers``-layer model of ``family`` (gpt2, llama) with random weights as a
+    Hugging Face directory (config.json + model.safetensors). ``init_range`` is larger than
+    the usual 0.02 so that the activations reach their non-linear range."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     if family == "gpt2":
         config = GPT2Config(
-            vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=init_range,
+            vocab_size=96, n_positions=64, n_embd=32, n_layer=layers, n_head=4, initializer_range=init_range,
             bos_token_id=0, eos_token_id=0,  # GPT-2's own 50256 lies outside this small vocabulary
         )
         model = GPT2LMHeadModel(config)
     elif family == "llama":
         config = LlamaConfig(
-            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
             initializer_range=init_range, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )

@@ -15,6 +15,10 @@ What it starts, each only where needed:
 Then it saves a tiny GPT-2 with random weights, serves it over a local HTTP server,
 submits it, follows the job to its end and prints where the artifacts are. Loopback
 sources are allowed for this local service only (ATTNONLY_FETCH_ALLOW_HOSTS).
+
+The API wants an API key. The runner makes one for its session (owner "local"), adds it
+to any keys in ATTNONLY_API_KEYS, prints it and saves it in <log dir>/api-key (mode 0600)
+for curl: ``-H "Authorization: Bearer $(cat .local/logs/api-key)"``.
 """
 from __future__ import annotations
 
@@ -105,6 +109,46 @@ def start_redis_server(port: int, stack: ExitStack, log_dir: Path = LOG_DIR) -> 
         time.sleep(0.1)
 
 
+class RedisServer:
+    """A redis-server on a fixed loopback port that can be stopped and started again on
+    the same port (the fault tests restart it). With ``data_dir`` it keeps its data in an
+    append-only file there, as compose's Redis does, so a restart loses nothing."""
+
+    def __init__(self, port: int, stack: ExitStack, log_dir: Path, data_dir: Optional[Path] = None):
+        self.port, self.stack, self.log_dir, self.data_dir = port, stack, log_dir, data_dir
+        self.proc: Optional[subprocess.Popen] = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise LocalError("redis-server is not installed (Debian: apt-get install redis-server)")
+        argv = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            argv += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir)]
+        else:
+            argv += ["--appendonly", "no"]
+        self.starts += 1
+        self.proc = start_process(f"redis-{self.port}-{self.starts}", argv, dict(os.environ), self.stack,
+                                  self.log_dir)
+        deadline = time.monotonic() + timeout
+        while not redis_answers(self.url):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise LocalError(f"redis-server did not start on port {self.port}; see {self.log_dir}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM (Redis writes its append-only file and exits), and wait for the port."""
+        if self.proc is not None:
+            stop_process(self.proc, timeout=10)
+            self.proc = None
+
+
 def ensure_redis(url: str, stack: ExitStack, log_dir: Path = LOG_DIR) -> bool:
     """Start a redis-server for ``url`` unless one answers. Returns True if it started one."""
     if redis_answers(url):
@@ -185,8 +229,26 @@ def _print_progress(job: dict) -> None:
     print(f"  {job['state']:<12} {p['percent']:5.1f}%  {p.get('stage') or ''}{layers}", flush=True)
 
 
-def run_demo(api_url: str, source_url: str) -> bool:
-    with httpx.Client(timeout=30) as client:
+def session_api_key(env: dict, log_dir: Path) -> str:
+    """A fresh key for this run: accepted by the API (added to ``env``), saved for curl."""
+    import hashlib
+    import secrets
+
+    key = "ak_local_" + secrets.token_urlsafe(24)
+    entry = f"local:{hashlib.sha256(key.encode()).hexdigest()}"
+    configured = [e for e in env.get("ATTNONLY_API_KEYS", "").split(",") if e.strip()]
+    env["ATTNONLY_API_KEYS"] = ",".join([*configured, entry])
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / "api-key"
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(key + "\n")
+    return key
+
+
+def run_demo(api_url: str, source_url: str, api_key: Optional[str] = None) -> bool:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(timeout=30, headers=headers) as client:
         created = client.post(f"{api_url}/v1/jobs", json={"source_url": source_url, "options": DEMO_OPTIONS})
         created.raise_for_status()
         job_id = created.json()["id"]
@@ -200,8 +262,8 @@ def run_demo(api_url: str, source_url: str) -> bool:
             presigned = client.get(artifact["url"], follow_redirects=False).headers.get("location")
             print(f"  {artifact['name']:<18} {artifact['size']:>9} bytes\n"
                   f"    API:      {artifact['url']}\n    download: {presigned}")
-        print(f"\nDownload one:  curl -L -o model.safetensors {api_url}/v1/jobs/{job_id}/artifacts/model.safetensors",
-              flush=True)
+        print(f"\nDownload one:  curl -L -H 'Authorization: Bearer <key>' -o model.safetensors "
+              f"{api_url}/v1/jobs/{job_id}/artifacts/model.safetensors", flush=True)
         return True
 
 
@@ -285,6 +347,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with ExitStack() as stack:
         try:
             env = start_backends(get_settings(), stack, args.log_dir)
+            api_key = session_api_key(env, args.log_dir)
             if _port_taken(args.port):
                 raise LocalError(f"port {args.port} is taken; pass --port to use another")
             procs = {
@@ -293,8 +356,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             }
             wait_ready(api_url, procs, log_dir=args.log_dir)
             print(f"API:    {api_url}  (docs: {api_url}/docs)\nLogs:   {args.log_dir}", flush=True)
+            print(f"Key:    {api_key}  (for this run; also in {args.log_dir / 'api-key'})\n"
+                  f"        curl -H 'Authorization: Bearer {api_key}' {api_url}/v1/jobs", flush=True)
 
-            ok = args.no_demo or run_demo(api_url, start_demo_source(stack))
+            ok = args.no_demo or run_demo(api_url, start_demo_source(stack), api_key)
             if args.exit_after_demo:
                 return 0 if ok else 1
             print("\nThe service is running. Ctrl-C stops it.", flush=True)

@@ -5,6 +5,8 @@ Layout of the keys (all under the settings' ``redis_key_prefix``, ``p`` below):
     p:job:{id}            the record, JSON; expires job_ttl_seconds after the job finishes
     p:jobs                every job, newest last (a sorted set ordered by member, see below)
     p:jobs:{state}        the jobs in one state, same ordering
+    p:own:{o}:jobs        one owner's jobs (o: a hash of the owner), same ordering
+    p:own:{o}:jobs:{state}  one owner's jobs in one state
     p:idem:{digest}       idempotency key -> job id (SET NX); expires with the job
     p:cancel:{id}         set while a cancel is asked of a running job; the worker polls it
     p:seq                 a counter that orders jobs by creation
@@ -18,6 +20,10 @@ the oldest end, on every create and finish.
 Every write of a record goes through one WATCH/MULTI transaction together with the index
 moves it implies, so a reader never sees a record whose indexes disagree with its state,
 and two writers (the API cancelling, the worker advancing) never lose each other's update.
+
+A worker's writes carry the attempt number its claim returned (``attempt=``): when the
+job was claimed again since (a redelivered message), the older run's writes change
+nothing, so two deliveries of one job can never mix their outcomes.
 """
 from __future__ import annotations
 
@@ -38,6 +44,15 @@ from shared.job_options import JobOptions
 WATCH_RETRIES = 50
 _PRUNE_BATCH = 20
 _MEMBER_RE = re.compile(r"^\d{15}:[0-9a-f-]{36}$")
+
+
+class _AnyOwner:
+    def __repr__(self) -> str:
+        return "ANY_OWNER"
+
+
+# list(owner=ANY_OWNER): every job, whoever owns it (operators; the API always passes one).
+ANY_OWNER: Any = _AnyOwner()
 
 
 class JobState(str, Enum):
@@ -87,7 +102,7 @@ class Job(BaseModel):
     source_url: str
     options: JobOptions = Field(default_factory=JobOptions)
     idempotency_key: Optional[str] = None
-    owner: Optional[str] = None  # who created the job; None where the API has no keys
+    owner: Optional[str] = None  # the API key's name that created the job; None: anonymous
     progress: Progress = Field(default_factory=Progress)
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
@@ -151,6 +166,12 @@ class JobStore:
     def _state_index(self, state: JobState) -> str:
         return f"{self.prefix}:jobs:{JobState(state).value}"
 
+    def _owner_index(self, owner: Optional[str], state: Optional[JobState] = None) -> str:
+        # Hashed: owner names never become part of key syntax. None (anonymous) has its own.
+        tag = "anonymous" if owner is None else hashlib.sha256(owner.encode()).hexdigest()[:24]
+        base = f"{self.prefix}:own:{tag}:jobs"
+        return base if state is None else f"{base}:{JobState(state).value}"
+
     def _idem_key(self, owner: Optional[str], key: str) -> str:
         # Hashed: the key is the client's free text; the owner scopes it (one client's key
         # never returns another client's job).
@@ -169,10 +190,15 @@ class JobStore:
         return bool(self.redis.exists(self._cancel_key(job_id)))
 
     def list(
-        self, state: Optional[JobState] = None, cursor: Optional[str] = None, limit: int = 20
+        self, state: Optional[JobState] = None, cursor: Optional[str] = None, limit: int = 20,
+        owner: Optional[str] = ANY_OWNER,
     ) -> tuple[list[Job], Optional[str]]:
-        """Newest first. Returns (jobs, next cursor or None when this was the last page)."""
-        index = self._state_index(state) if state is not None else self._all_index
+        """Newest first. Returns (jobs, next cursor or None when this was the last page).
+        ``owner``: only that owner's jobs (None: the anonymous ones); default every job."""
+        if owner is ANY_OWNER:
+            index = self._state_index(state) if state is not None else self._all_index
+        else:
+            index = self._owner_index(owner, state)
         upper = "+" if cursor is None else "(" + decode_cursor(cursor)
         jobs: list[Job] = []
         last_member = None
@@ -233,7 +259,27 @@ class JobStore:
         else:
             raise RuntimeError("job store: too much contention on one idempotency key")
         self._prune_oldest(self._all_index)
+        self._prune_oldest(self._owner_index(owner))
         return job, True
+
+    def release_idempotency_key(self, job: Job) -> None:
+        """Forget the job's idempotency key (if it still names this job), so that the same
+        key submitted again makes a new job: used when the job never reached the queue."""
+        if job.idempotency_key is None:
+            return
+        idem_key = self._idem_key(job.owner, job.idempotency_key)
+        for _ in range(WATCH_RETRIES):
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(idem_key)
+                    if pipe.get(idem_key) != job.id:
+                        return
+                    pipe.multi()
+                    pipe.delete(idem_key)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
 
     def update(self, job_id: str, mutate: Mutation, extra: Optional[ExtraOps] = None) -> Optional[Job]:
         """Apply ``mutate`` to a copy of the record atomically. ``mutate`` returns the new
@@ -264,6 +310,7 @@ class JobStore:
             raise RuntimeError(f"job store: too much contention on job {job_id}")
         if new.state.finished and not current.state.finished:
             self._prune_oldest(self._state_index(new.state))
+            self._prune_oldest(self._owner_index(new.owner, new.state))
         return new
 
     def _write(self, pipe, job: Job, previous: Optional[Job]) -> None:
@@ -271,10 +318,13 @@ class JobStore:
         pipe.set(self._job_key(job.id), job.model_dump_json())
         if previous is None:
             pipe.zadd(self._all_index, {member: 0})
+            pipe.zadd(self._owner_index(job.owner), {member: 0})
         if previous is None or previous.state != job.state:
             if previous is not None:
                 pipe.zrem(self._state_index(previous.state), member)
+                pipe.zrem(self._owner_index(job.owner, previous.state), member)
             pipe.zadd(self._state_index(job.state), {member: 0})
+            pipe.zadd(self._owner_index(job.owner, job.state), {member: 0})
         if job.state.finished:
             # Finished records, their idempotency key and any cancel flag go together.
             pipe.expire(self._job_key(job.id), self.ttl_seconds)
@@ -315,11 +365,14 @@ class JobStore:
             return None
         return job
 
-    def advance(self, job_id: str, state: JobState, progress: Progress) -> Optional[Job]:
-        """Move a running job on; a finished job (e.g. cancelled meanwhile) is left alone."""
+    def advance(
+        self, job_id: str, state: JobState, progress: Progress, attempt: Optional[int] = None
+    ) -> Optional[Job]:
+        """Move a running job on; a finished job (e.g. cancelled meanwhile) is left alone,
+        and so is a job claimed again since ``attempt`` (see the module's docstring)."""
 
         def mutate(job: Job) -> Optional[Job]:
-            if job.state.finished:
+            if job.state.finished or (attempt is not None and job.attempts != attempt):
                 return None
             job.state = state
             job.progress = progress
@@ -335,12 +388,15 @@ class JobStore:
         error: Optional[JobError] = None,
         summary: Optional[dict[str, Any]] = None,
         artifacts: Optional[list[Artifact]] = None,
+        attempt: Optional[int] = None,
     ) -> Optional[Job]:
+        """Record the outcome, once: a finished job stays as it is, and so does a job
+        claimed again since ``attempt``. Returns the record as stored afterwards."""
         if not state.finished:
             raise ValueError(f"{state.value} is not a finished state")
 
         def mutate(job: Job) -> Optional[Job]:
-            if job.state.finished:
+            if job.state.finished or (attempt is not None and job.attempts != attempt):
                 return None
             job.state = state
             job.finished_at = utcnow()

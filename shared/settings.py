@@ -7,12 +7,13 @@ environment (see docker-compose.yml).
 """
 from __future__ import annotations
 
+import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:  # shared.fetch is imported lazily: the API never downloads anything
@@ -20,6 +21,41 @@ if TYPE_CHECKING:  # shared.fetch is imported lazily: the API never downloads an
 
 GiB = 1024**3
 MiB = 1024**2
+
+# Presigned download URLs live between these many seconds (a setting outside is clamped).
+PRESIGN_TTL_MIN, PRESIGN_TTL_MAX = 10, 3600
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ApiKey(BaseModel):
+    """One accepted API key, as the SHA-256 of the key: the key itself is never stored.
+
+    ``name`` is the owner of the jobs the key creates. Two entries with the same name are
+    the same owner (rotate a key by adding the new one under the old name, then removing
+    the old one). An entry without a name is named after its hash: ``key-<12 hex>``."""
+
+    name: str
+    sha256: str
+
+    @property
+    def digest(self) -> bytes:
+        return bytes.fromhex(self.sha256)
+
+
+def parse_api_key(entry: str) -> ApiKey:
+    """``NAME:SHA256HEX`` or ``SHA256HEX`` (see ``python -m api.auth``)."""
+    name, sep, digest = entry.strip().rpartition(":")
+    digest = digest.strip().lower()
+    if not _SHA256_HEX.match(digest):
+        raise ValueError(
+            "api_keys entries are NAME:SHA256 with the hex SHA-256 of a key (64 hex digits), never "
+            "the key itself; `python -m api.auth NAME` makes a key and its entry"
+        )
+    name = name.strip() if sep else f"key-{digest[:12]}"
+    if not _KEY_NAME.match(name):
+        raise ValueError(f"api key name {name!r}: use letters, digits and . _ @ - (at most 64)")
+    return ApiKey(name=name, sha256=digest)
 
 
 class Settings(BaseSettings):
@@ -50,18 +86,43 @@ class Settings(BaseSettings):
     s3_multipart_chunk_bytes: int = Field(64 * MiB, ge=5 * MiB)
     # Presigned artifact URLs stay valid this long (short on purpose: the API hands out
     # a fresh one on every request of /v1/jobs/{id}/artifacts/{name}).
-    presign_ttl_seconds: int = Field(15 * 60, ge=1, le=7 * 24 * 3600)
+    # Values outside [PRESIGN_TTL_MIN, PRESIGN_TTL_MAX] are clamped into it.
+    presign_ttl_seconds: int = 300
+    # The worker retries a failed upload (and the bucket check before it) this many times in
+    # all, waiting storage_retry_base_delay seconds, then twice that, ... (at most 60 s a
+    # wait), before the job fails with "storage_unavailable".
+    storage_attempts: int = Field(5, ge=1, le=20)
+    storage_retry_base_delay: float = Field(2.0, ge=0)
+
+    # --- Access: API keys, rate limit, request size --------------------------------------
+    # Accepted API keys, comma-separated NAME:SHA256 entries (the hex SHA-256 of each key;
+    # make one with `python -m api.auth NAME`). Clients send "Authorization: Bearer <key>".
+    api_keys: Annotated[list[ApiKey], NoDecode] = Field(default_factory=list)
+    # Accept requests without a key, as the owner "anonymous". Off: without any api_keys
+    # every /v1/jobs request is refused. For a development machine only.
+    allow_anonymous: bool = False
+    # Each owner may create this many jobs per rate_limit_window_seconds (a sliding window;
+    # a batch counts each of its jobs). 0: no limit.
+    rate_limit_jobs: int = Field(60, ge=0)
+    rate_limit_window_seconds: int = Field(60, ge=1, le=24 * 3600)
+    # Largest request body, enforced while it streams in (chunked bodies included).
+    max_request_bytes: int = Field(1 * MiB, ge=1024)
 
     # --- Celery worker --------------------------------------------------------------------
     gpu_queue: str = "gpu"
     worker_concurrency: int = Field(1, ge=1)  # one conversion per GPU
-    task_time_limit: int = Field(4 * 3600, ge=10)  # seconds; the child is killed after this
-    # Redis redelivers a message nobody acknowledged after this many seconds. With late
-    # acknowledgement a long task would run twice if this were below the time limit.
-    visibility_timeout: int = Field(5 * 3600, ge=10)
+    task_time_limit: int = Field(4 * 3600, ge=5)  # seconds; the child is killed after this
+    # Redis redelivers a message nobody acknowledged after this many seconds: this is how
+    # long a job whose worker died (SIGKILL, lost machine) waits before another worker
+    # takes it. With late acknowledgement a long task would run twice if this were below
+    # the time limit.
+    visibility_timeout: int = Field(5 * 3600, ge=6)
     # A job whose worker died this many times (crash, OOM kill, hard time limit) is failed
     # instead of being delivered again.
     max_attempts: int = Field(3, ge=1)
+    # A worker that cannot reach the job store (Redis restarting) keeps trying this long
+    # before it gives the job back to the queue; progress writes are skipped meanwhile.
+    store_retry_seconds: float = Field(60.0, ge=0)
     # Where the worker downloads sources and writes converted checkpoints (one folder per
     # job, removed when the job ends).
     work_dir: Path = Path(tempfile.gettempdir()) / "attnonly-work"
@@ -88,6 +149,27 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [h.strip() for h in value.split(",") if h.strip()]
         return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, value):
+        if isinstance(value, str):
+            value = [e for e in value.split(",") if e.strip()]
+        return [parse_api_key(e) if isinstance(e, str) else e for e in value or []]
+
+    @field_validator("api_keys")
+    @classmethod
+    def _one_owner_per_key(cls, value: list[ApiKey]) -> list[ApiKey]:
+        seen: dict[str, str] = {}
+        for key in value:
+            if seen.setdefault(key.sha256, key.name) != key.name:
+                raise ValueError(f"one key hash is listed under two names ({seen[key.sha256]}, {key.name})")
+        return value
+
+    @field_validator("presign_ttl_seconds")
+    @classmethod
+    def _clamp_presign_ttl(cls, value: int) -> int:
+        return min(max(value, PRESIGN_TTL_MIN), PRESIGN_TTL_MAX)
 
     @model_validator(mode="after")
     def _visibility_above_time_limit(self):

@@ -19,13 +19,14 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.jobs import Artifact
-from shared.settings import Settings
+from shared.settings import PRESIGN_TTL_MAX, PRESIGN_TTL_MIN, Settings
 
 log = logging.getLogger(__name__)
 
 
 class StorageError(Exception):
-    """S3 failed after boto3's own retries. ``code`` goes into a failed job's error."""
+    """S3 failed after boto3's own retries (a few quick ones; the worker retries whole
+    uploads with its own backoff). ``code`` goes into a failed job's error."""
 
     code = "storage_unavailable"
 
@@ -47,8 +48,9 @@ class Storage:
         if quick:
             config = Config(connect_timeout=2, read_timeout=3, retries={"max_attempts": 1, "mode": "standard"})
         else:
-            # "standard" retries back off exponentially on throttling and connection errors.
-            config = Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 8, "mode": "standard"})
+            # "standard" retries back off exponentially on throttling and connection errors;
+            # a longer outage is the worker's business (settings.storage_attempts).
+            config = Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
         # Path-style addressing: MinIO and most self-hosted S3s do not serve bucket subdomains.
         config = config.merge(Config(signature_version="s3v4", s3={"addressing_style": "path"}))
         common = dict(
@@ -104,12 +106,13 @@ class Storage:
         return artifacts
 
     def presigned_get(self, key: str, filename: Optional[str] = None, ttl: Optional[int] = None) -> str:
+        """A GET URL valid for ``ttl`` seconds (default: the settings'), clamped to
+        [PRESIGN_TTL_MIN, PRESIGN_TTL_MAX]: download links are short-lived by design."""
         params = {"Bucket": self.bucket, "Key": key}
         if filename:
             params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
-        return self._signer.generate_presigned_url(
-            "get_object", Params=params, ExpiresIn=ttl or self.presign_ttl
-        )
+        expires = min(max(ttl or self.presign_ttl, PRESIGN_TTL_MIN), PRESIGN_TTL_MAX)
+        return self._signer.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under ``prefix``; returns how many were deleted."""

@@ -3,10 +3,15 @@
 Each test session starts its own redis-server on a free loopback port (the same
 building blocks as ``python -m deploy.local``), so the tests never touch a Redis that
 someone else uses. Each test gets its own key prefix and bucket on top of that.
+
+Two API keys, ``alice`` and ``bob``, are configured in every test's settings; the keys
+themselves are made fresh for each session and only their hashes reach the settings.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import shutil
 import uuid
 from contextlib import ExitStack
@@ -15,6 +20,32 @@ from pathlib import Path
 import pytest
 
 from deploy.local import free_port, redis_answers, start_redis_server, start_s3_server
+
+_KEYS = {name: "ak_test_" + secrets.token_urlsafe(24) for name in ("alice", "bob")}
+
+
+def _key_entries(names=("alice", "bob")) -> str:
+    return ",".join(f"{n}:{hashlib.sha256(_KEYS[n].encode()).hexdigest()}" for n in names)
+
+
+class ApiKeys:
+    """The session's test keys: ``keys.headers("bob")``, ``keys.entries()``."""
+
+    plain = _KEYS
+
+    @staticmethod
+    def headers(name: str = "alice") -> dict:
+        return {"Authorization": f"Bearer {_KEYS[name]}"}
+
+    @staticmethod
+    def entries(names=("alice", "bob")) -> str:
+        """The ATTNONLY_API_KEYS value that accepts the keys of ``names``."""
+        return _key_entries(names)
+
+
+@pytest.fixture(scope="session")
+def keys() -> ApiKeys:
+    return ApiKeys()
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +87,11 @@ def make_settings(redis_url, s3_endpoint, tmp_path):
             gpu_queue=f"test-{tag}",
             fetch_allow_hosts=["127.0.0.1", "localhost"],
             work_dir=Path(tmp_path) / "work",
+            api_keys=_key_entries(),
+            # Outages are simulated: give up on them quickly.
+            storage_attempts=2,
+            storage_retry_base_delay=0.05,
+            store_retry_seconds=2,
         )
         values.update(overrides)
         return Settings(**values)

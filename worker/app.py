@@ -6,16 +6,41 @@ Run a worker with::
 
 This module and worker.tasks import neither torch nor the conversion library: the
 prefork parent must not initialise CUDA (a forked child cannot use a CUDA context its
-parent created). Only the child imports them, on its first task.
+parent created). Only the pool's children import them, as they start (see ``_warm_up``).
+
+Crash recovery: a job is acknowledged only when its task returns. If the pool child dies
+(OOM kill, SIGKILL) the parent gives the message back at once; if the whole worker dies,
+the message stays unacknowledged in Redis and another worker restores it once
+``visibility_timeout`` has passed since its delivery.
 """
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
+from celery.signals import worker_process_init
 from kombu import Queue
 
 from shared.settings import Settings, get_settings
 
 CONVERT_TASK = "worker.tasks.convert_job"
+# Seconds a new pool child may take to start, warm-up imports included (Celery's own
+# default of 4 s is too short for importing torch on a busy machine).
+PROC_ALIVE_TIMEOUT = 120.0
+
+log = logging.getLogger(__name__)
+
+
+def soft_time_limit(hard: int) -> int:
+    """The soft limit, a little before the hard one: a minute, or a tenth of short limits."""
+    return hard - max(1, min(60, hard // 10))
+
+
+def restore_interval(visibility_timeout: int) -> int:
+    """How often (s) a worker looks for unacknowledged messages of dead workers: often
+    enough that a job waits little longer than the visibility timeout, at most every 10 s.
+    (kombu's default sweeps every 100 s.)"""
+    return max(1, min(10, visibility_timeout // 10))
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -31,10 +56,21 @@ def make_celery(settings: Settings) -> Celery:
         worker_concurrency=settings.worker_concurrency,
         task_time_limit=settings.task_time_limit,
         # The soft limit lets the task record a clear failure before the hard kill.
-        task_soft_time_limit=max(1, settings.task_time_limit - 60),
+        task_soft_time_limit=soft_time_limit(settings.task_time_limit),
         # Unacknowledged messages come back after this; it must exceed the time limit or a
         # long job runs twice (Settings checks that).
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": restore_interval(settings.visibility_timeout),
+            "unacked_restore_throttle": 1,
+            # The sweep takes a lock in Redis; a worker killed while holding it would
+            # block every sweep for kombu's default of 300 s.
+            "unacked_mutex_expire": min(300, max(10, settings.visibility_timeout)),
+        },
+        # Redis restarting: keep reconnecting (with backoff) for as long as it takes,
+        # instead of giving up after 100 tries.
+        broker_connection_max_retries=None,
+        worker_proc_alive_timeout=PROC_ALIVE_TIMEOUT,
         task_queues=(Queue(settings.gpu_queue),),
         task_default_queue=settings.gpu_queue,
         task_routes={CONVERT_TASK: {"queue": settings.gpu_queue}},
@@ -48,6 +84,17 @@ def make_celery(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
     )
     return app
+
+
+@worker_process_init.connect
+def _warm_up(**_) -> None:
+    """In each pool child as it starts (never in the parent): import torch and the
+    conversion library now, so that the first job does not spend its time limit on it."""
+    try:
+        import shared.conversion  # noqa: F401
+        import shared.fetch  # noqa: F401
+    except Exception:  # the task reports a broken install clearly; do not kill the child here
+        log.exception("warm-up imports failed")
 
 
 celery_app = make_celery(get_settings())

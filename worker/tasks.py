@@ -4,19 +4,33 @@ The task is idempotent, because late acknowledgement means a message can arrive 
 (a worker crash, a lost connection): a job that already finished is not redone, and a job
 caught half-way starts again from a clean folder. Progress goes to the job store as it
 happens; the cancel flag is polled between layers.
+
+Faults it rides out:
+
+* The job store (Redis) unreachable: reads and the final write are retried for
+  ``store_retry_seconds``; progress writes and cancel checks are skipped meanwhile. If
+  the store stays away, the message goes back to the queue (``Reject(requeue=True)``)
+  instead of being acknowledged, so the job is not lost.
+* S3 unreachable: every upload is retried ``storage_attempts`` times with exponential
+  backoff, then the job fails with ``storage_unavailable``.
+* The same job delivered twice at once (a message redelivered while the first run still
+  lives): each run writes with the attempt number its claim returned; the older run's
+  writes change nothing (see shared.jobs), it leaves the artifacts alone and stops.
 """
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
-from celery.exceptions import SoftTimeLimitExceeded
+import redis
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from shared.jobs import Artifact, JobError, JobState, JobStore, Progress, redis_client
+from shared.jobs import Artifact, Job, JobError, JobState, JobStore, Progress, redis_client
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, StorageError, job_prefix
 from worker.app import CONVERT_TASK, celery_app
@@ -40,11 +54,66 @@ PHASES: dict[str, tuple[JobState, float, float]] = {
     "uploading": (JobState.uploading, 95, 100),
 }
 STATE_ORDER = (JobState.downloading, JobState.converting, JobState.checking, JobState.uploading)
-LAYER_STAGES = ("converting", "checking")
+LAYER_STAGES = ("calibrating", "converting", "checking")
+# A Redis that is restarting, unreachable or still loading its data (BusyLoadingError is a
+# ConnectionError): worth waiting for. Other Redis errors are bugs and fail the job.
+STORE_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+MAX_STORAGE_WAIT = 60.0  # seconds: the longest wait between two upload attempts
+
+T = TypeVar("T")
 
 
 class JobCancelled(Exception):
     """A cancel was noticed between the conversion's own checks (download, upload)."""
+
+
+class StoreUnavailable(Exception):
+    """The job store stayed unreachable for settings.store_retry_seconds."""
+
+
+class Superseded(Exception):
+    """The job was claimed again by a newer delivery of its message: this run stops and
+    leaves the job, its artifacts and its work folder to the newer one."""
+
+
+def call_store(fn: Callable[[], T], settings: Settings, what: str) -> T:
+    """``fn()``, retried with backoff while the job store is unreachable, for at most
+    ``settings.store_retry_seconds``; then StoreUnavailable."""
+    deadline = time.monotonic() + settings.store_retry_seconds
+    delay = 0.25
+    while True:
+        try:
+            return fn()
+        except STORE_ERRORS as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreUnavailable(f"the job store is unreachable ({what}): {exc}") from None
+            wait = min(delay, left)
+            log.warning("job store unreachable while %s (%s); retrying in %.2fs", what, exc, wait)
+            time.sleep(wait)
+            delay = min(delay * 2, 5.0)
+
+
+def with_storage_retries(fn: Callable[[], T], settings: Settings, what: str, job_id: str = "-",
+                         cancelled: Optional[Callable[[], bool]] = None) -> T:
+    """``fn()``, tried ``settings.storage_attempts`` times in all while it raises
+    StorageError, waiting storage_retry_base_delay, twice that, ... in between (with up to
+    20 % jitter, capped at a minute). A cancel is honoured between attempts."""
+    attempts = settings.storage_attempts
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except StorageError as exc:
+            if attempt == attempts:
+                raise StorageError(f"{exc.message} (gave up after {attempts} attempts)") from None
+            wait = min(settings.storage_retry_base_delay * 2 ** (attempt - 1), MAX_STORAGE_WAIT)
+            wait *= 1 + 0.2 * random.random()
+            log.warning("job %s: S3: %s failed (attempt %d of %d): %s; retrying in %.2fs",
+                        job_id, what, attempt, attempts, exc.message, wait)
+            if cancelled is not None and cancelled():
+                raise JobCancelled() from None
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 class ProgressReporter:
@@ -52,8 +121,9 @@ class ProgressReporter:
 
     MIN_INTERVAL = 0.5  # seconds between writes that only move the percentage
 
-    def __init__(self, store: JobStore, job_id: str, cancelled: Optional[Callable[[], bool]] = None):
-        self.store, self.job_id, self.cancelled = store, job_id, cancelled
+    def __init__(self, store: JobStore, job_id: str, cancelled: Optional[Callable[[], bool]] = None,
+                 attempt: Optional[int] = None):
+        self.store, self.job_id, self.cancelled, self.attempt = store, job_id, cancelled, attempt
         self._last: Optional[Progress] = None
         self._last_state: Optional[JobState] = None
         self._last_time = 0.0
@@ -81,8 +151,15 @@ class ProgressReporter:
         )
         if not important and now - self._last_time < self.MIN_INTERVAL:
             return False
+        try:
+            stored = self.store.advance(self.job_id, state, progress, attempt=self.attempt)
+        except STORE_ERRORS as exc:
+            # Progress is not worth stopping a conversion for: the next write catches up.
+            log.warning("job %s: progress not recorded, the job store is unreachable: %s", self.job_id, exc)
+            return False
+        if stored is not None and self.attempt is not None and stored.attempts != self.attempt:
+            raise Superseded()
         self._last, self._last_state, self._last_time = progress, state, now
-        self.store.advance(self.job_id, state, progress)
         return True
 
     def download(self, done: int, total: Optional[int]) -> None:
@@ -113,7 +190,13 @@ def _pick_device(settings: Settings) -> str:
 @celery_app.task(name=CONVERT_TASK)
 def convert_job(job_id: str) -> Optional[str]:
     settings, store, storage = _services()
-    state = run_job(job_id, settings=settings, store=store, storage=storage, device=_pick_device(settings))
+    try:
+        state = run_job(job_id, settings=settings, store=store, storage=storage, device=_pick_device(settings))
+    except StoreUnavailable as exc:
+        # Not acknowledged: the message goes back to the queue (or, if the broker is down
+        # too, stays unacknowledged and comes back after the visibility timeout).
+        log.error("job %s: %s; the job goes back to the queue", job_id, exc)
+        raise Reject(str(exc), requeue=True) from None
     return state.value if state is not None else None
 
 
@@ -131,35 +214,52 @@ def run_job(
 
     ``fetch`` and ``convert`` default to shared.fetch.fetch_source and
     shared.conversion.convert; tests pass stand-ins."""
-    job = store.get(job_id)
+    job = call_store(lambda: store.get(job_id), settings, "reading the job")
     if job is None:
         log.warning("job %s: no record (expired or never created); message dropped", job_id)
         return None
     if job.state.finished:
         log.info("job %s: already %s; not redone", job_id, job.state.value)
         return job.state
+    if job.cancel_requested:
+        # Cancelled while an earlier delivery ran it, and that worker died before it
+        # stopped: finish the cancel instead of starting again.
+        return _record_outcome(job, JobCancelled(), store, storage, settings, attempt=job.attempts)
     if job.attempts >= settings.max_attempts:
         # Each earlier delivery ended without recording an outcome: the worker died
         # (crash, OOM kill, hard time limit). Stop the loop of redeliveries here.
-        store.finish(job_id, JobState.failed, error=JobError(
+        call_store(lambda: store.finish(job_id, JobState.failed, error=JobError(
             code="too_many_attempts",
             message=f"the worker stopped {job.attempts} times while running this job; it is not retried again",
-        ))
+        )), settings, "recording the outcome")
         return JobState.failed
-    job = store.claim(job_id)
+    job = call_store(lambda: store.claim(job_id), settings, "claiming the job")
     if job is None:
-        current = store.get(job_id)
+        current = call_store(lambda: store.get(job_id), settings, "reading the job")
         return current.state if current else None
 
-    workdir = Path(settings.work_dir) / job_id
-    log.info("job %s: attempt %d, source %s, device %s", job_id, job.attempts, job.source_url, device or "auto")
+    attempt = job.attempts
+    job_dir = Path(settings.work_dir) / job_id
+    workdir = job_dir / f"attempt-{attempt}"
+    log.info("job %s: attempt %d, source %s, device %s", job_id, attempt, job.source_url, device or "auto")
     try:
-        _reset_dir(workdir)
+        # A redelivered job may find an earlier attempt's half-written files: start clean.
+        _reset_dir(job_dir)
+        workdir.mkdir()
         return _pipeline(job, workdir, settings, store, storage, device, fetch, convert)
+    except StoreUnavailable:
+        raise
+    except Superseded:
+        log.warning("job %s: attempt %d was superseded by a newer delivery; stopping it", job_id, attempt)
+        return None
     except Exception as exc:  # every failure becomes a finished job with a clear code
-        return _record_failure(job_id, exc, store, storage)
+        return _record_outcome(job, exc, store, storage, settings, attempt)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            job_dir.rmdir()  # unless a newer attempt works there now
+        except OSError:
+            pass
 
 
 def _pipeline(job, workdir: Path, settings: Settings, store: JobStore, storage: Storage,
@@ -170,10 +270,16 @@ def _pipeline(job, workdir: Path, settings: Settings, store: JobStore, storage: 
         from shared.conversion import convert
     from shared.conversion.options import ConversionOptions
 
-    def cancelled() -> bool:
-        return store.cancel_requested(job.id)
+    attempt = job.attempts
 
-    reporter = ProgressReporter(store, job.id, cancelled)
+    def cancelled() -> bool:
+        try:
+            return store.cancel_requested(job.id)
+        except STORE_ERRORS as exc:
+            log.warning("job %s: cannot check for a cancel, the job store is unreachable: %s", job.id, exc)
+            return False
+
+    reporter = ProgressReporter(store, job.id, cancelled, attempt=attempt)
     source, out = workdir / "source", workdir / "out"
     source.mkdir(parents=True)
 
@@ -190,41 +296,66 @@ def _pipeline(job, workdir: Path, settings: Settings, store: JobStore, storage: 
         raise JobCancelled()
 
     reporter.stage("uploading", 0, len(ARTIFACT_NAMES))
-    storage.ensure_bucket()  # here, not at start-up: an S3 outage then fails this job clearly
+    # Here, not at start-up: an S3 outage then fails this job clearly.
+    with_storage_retries(storage.ensure_bucket, settings, "checking the bucket", job.id, cancelled)
     artifacts: list[Artifact] = []
     for i, name in enumerate(ARTIFACT_NAMES):
-        artifacts += storage.upload_job_files(job.id, out, [name])
+        artifacts += with_storage_retries(
+            lambda: storage.upload_job_files(job.id, out, [name]), settings, f"uploading {name}", job.id, cancelled)
         reporter.stage("uploading", i + 1, len(ARTIFACT_NAMES))
         if cancelled():
             raise JobCancelled()
 
     summary = report.summary
     if report.passed:
-        store.finish(job.id, JobState.succeeded, summary=summary, artifacts=artifacts)
+        _finish(store, settings, job.id, attempt, JobState.succeeded, summary=summary, artifacts=artifacts)
         log.info("job %s: succeeded", job.id)
         return JobState.succeeded
     # The checkpoint exists but does not match its source within the tolerance: keep the
     # artifacts (report.json says where it diverges) and say so in the error.
-    store.finish(job.id, JobState.failed, summary=summary, artifacts=artifacts, error=JobError(
-        code="check_failed",
-        message="the converted model does not match the source within the tolerance; see report.json",
-    ))
+    _finish(store, settings, job.id, attempt, JobState.failed, summary=summary, artifacts=artifacts,
+            error=JobError(
+                code="check_failed",
+                message="the converted model does not match the source within the tolerance; see report.json",
+            ))
     log.warning("job %s: equivalence checks failed", job.id)
     return JobState.failed
 
 
-def _record_failure(job_id: str, exc: Exception, store: JobStore, storage: Storage) -> JobState:
+def _finish(store: JobStore, settings: Settings, job_id: str, attempt: int, state: JobState, **outcome) -> Job:
+    stored = call_store(lambda: store.finish(job_id, state, attempt=attempt, **outcome), settings,
+                        "recording the outcome")
+    if stored is not None and stored.attempts != attempt:
+        raise Superseded()
+    return stored
+
+
+def _record_outcome(job: Job, exc: Exception, store: JobStore, storage: Storage, settings: Settings,
+                    attempt: int) -> Optional[JobState]:
+    """Finish a job that stopped with ``exc`` (failed or cancelled), removing what it
+    uploaded; a run that a newer delivery superseded touches nothing."""
+    job_id = job.id
     state, error = classify(exc, job_id)
+    current = call_store(lambda: store.get(job_id), settings, "reading the job")
+    if current is None or current.attempts != attempt:
+        log.warning("job %s: attempt %d stopped (%s) after a newer delivery took the job over",
+                    job_id, attempt, error.code)
+        return None
     if state == JobState.failed and error.code == "internal_error":
         log.error("job %s: internal error", job_id, exc_info=exc)
     else:
         log.info("job %s: %s (%s)", job_id, state.value, error.code)
     try:
         # No half-uploaded checkpoint stays behind a cancelled or failed job.
-        storage.delete_prefix(job_prefix(job_id))
+        removed = storage.delete_prefix(job_prefix(job_id))
+        if removed:
+            log.info("job %s: removed %d partial artifact(s)", job_id, removed)
     except StorageError:
         log.warning("job %s: could not remove partial artifacts", job_id)
-    store.finish(job_id, state, error=error)
+    try:
+        _finish(store, settings, job_id, attempt, state, error=error)
+    except Superseded:
+        return None
     return state
 
 

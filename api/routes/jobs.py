@@ -1,4 +1,8 @@
-"""/v1/jobs: submit, inspect, list, cancel, download."""
+"""/v1/jobs: submit, inspect, list, cancel, download.
+
+Every route needs an API key (api.auth). A job belongs to the key's owner that created it;
+for anyone else it does not exist (404, never 403: ids of other owners' jobs are not
+confirmed either)."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +11,8 @@ from typing import Annotated, Optional
 from fastapi import APIRouter, Body, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse
 
-from api.deps import QueueDep, StorageDep, StoreDep
+from api.auth import Principal, PrincipalDep
+from api.deps import QueueDep, RateLimiterDep, StorageDep, StoreDep
 from api.errors import ApiError
 from api.schemas import (
     MAX_BATCH, MAX_PAGE, BatchCreated, ErrorResponse, JobCreate, JobCreated, JobOut, JobPage,
@@ -17,75 +22,95 @@ from shared.jobs import InvalidCursor, Job, JobError, JobState, JobStore
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(
+    prefix="/jobs", tags=["jobs"],
+    responses={401: {"model": ErrorResponse, "description": "no API key, or not a valid one"}},
+)
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, description="the id POST /v1/jobs returned")]
-NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such job (or it expired)"}}
+NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such job of yours (or it expired)"}}
 UNAVAILABLE = {503: {"model": ErrorResponse, "description": "Redis or the queue is unavailable"}}
+CREATE_ERRORS = {
+    **UNAVAILABLE,
+    413: {"model": ErrorResponse, "description": "the request body is over the size limit"},
+    429: {"model": ErrorResponse, "description": "too many jobs created lately; see Retry-After"},
+}
 
 
-def _submit(body: JobCreate, store: JobStore, queue) -> tuple[Job, bool]:
-    job, created = store.create(body.source_url, body.options, body.idempotency_key)
+def _submit(body: JobCreate, principal: Principal, store: JobStore, queue) -> tuple[Job, bool]:
+    job, created = store.create(body.source_url, body.options, body.idempotency_key, owner=principal.owner)
     if created:
         try:
             queue.enqueue(job.id)
         except Exception as exc:
             # The record exists but no worker will ever see it: finish it so that it does
-            # not sit in "queued" forever, and tell the client to retry.
+            # not sit in "queued" forever, free its idempotency key so that the same
+            # submission can be made again, and tell the client to retry.
             log.error("job %s: enqueue failed: %s", job.id, exc)
             store.finish(job.id, JobState.failed, error=JobError(
                 code="queue_unavailable", message="the job could not be queued; submit it again"))
+            store.release_idempotency_key(job)
             raise ApiError(503, "queue_unavailable", "the job queue is unavailable; retry shortly") from None
     return job, created
 
 
-def _get_or_404(store: JobStore, job_id: str) -> Job:
+def _not_found(job_id: str) -> ApiError:
+    return ApiError(404, "job_not_found", f"no job {job_id} (unknown, or expired after it finished)")
+
+
+def _get_own_or_404(store: JobStore, job_id: str, principal: Principal) -> Job:
     job = store.get(job_id)
-    if job is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id} (unknown, or expired after it finished)")
+    if job is None or job.owner != principal.owner:
+        raise _not_found(job_id)
     return job
 
 
 @router.post(
-    "", status_code=202, response_model=JobCreated, responses=UNAVAILABLE,
+    "", status_code=202, response_model=JobCreated, responses=CREATE_ERRORS,
     summary="Submit a conversion job",
 )
-def create_job(body: JobCreate, request: Request, response: Response, store: StoreDep, queue: QueueDep):
-    job, created = _submit(body, store, queue)
+def create_job(
+    body: JobCreate, request: Request, response: Response, principal: PrincipalDep,
+    store: StoreDep, queue: QueueDep, limiter: RateLimiterDep,
+):
+    limiter.take(principal.owner, 1)
+    job, created = _submit(body, principal, store, queue)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return job_created(request, job)
 
 
 @router.post(
-    "/batch", status_code=202, response_model=BatchCreated, responses=UNAVAILABLE,
-    summary="Submit several jobs: one job per body, in order",
+    "/batch", status_code=202, response_model=BatchCreated, responses=CREATE_ERRORS,
+    summary="Submit several jobs: one job per body, in order (each counts against the rate limit)",
 )
 def create_jobs(
     bodies: Annotated[list[JobCreate], Body(min_length=1, max_length=MAX_BATCH)],
-    request: Request, store: StoreDep, queue: QueueDep,
+    request: Request, principal: PrincipalDep, store: StoreDep, queue: QueueDep, limiter: RateLimiterDep,
 ):
-    return BatchCreated(jobs=[job_created(request, _submit(b, store, queue)[0]) for b in bodies])
+    limiter.take(principal.owner, len(bodies))
+    return BatchCreated(jobs=[job_created(request, _submit(b, principal, store, queue)[0]) for b in bodies])
 
 
-@router.get("", response_model=JobPage, summary="List jobs, newest first")
+@router.get("", response_model=JobPage, summary="List your jobs, newest first")
 def list_jobs(
     request: Request,
+    principal: PrincipalDep,
     store: StoreDep,
     state: Optional[JobState] = None,
     cursor: Annotated[Optional[str], Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
 ):
     try:
-        jobs, next_cursor = store.list(state=state, cursor=cursor, limit=limit)
+        jobs, next_cursor = store.list(state=state, cursor=cursor, limit=limit, owner=principal.owner)
     except InvalidCursor as exc:
         raise ApiError(422, "invalid_cursor", str(exc)) from None
     return JobPage(jobs=[job_out(request, j) for j in jobs], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND, summary="A job's state and progress")
-def get_job(job_id: JobId, request: Request, store: StoreDep):
-    return job_out(request, _get_or_404(store, job_id))
+def get_job(job_id: JobId, request: Request, principal: PrincipalDep, store: StoreDep):
+    return job_out(request, _get_own_or_404(store, job_id, principal))
 
 
 @router.post(
@@ -93,10 +118,11 @@ def get_job(job_id: JobId, request: Request, store: StoreDep):
     responses={**NOT_FOUND, 409: {"model": ErrorResponse, "description": "the job already finished"}},
     summary="Cancel a job: at once if queued, within one layer if running",
 )
-def cancel_job(job_id: JobId, request: Request, store: StoreDep):
+def cancel_job(job_id: JobId, request: Request, principal: PrincipalDep, store: StoreDep):
+    _get_own_or_404(store, job_id, principal)  # the owner never changes: checking first is enough
     job = store.request_cancel(job_id)
     if job is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id} (unknown, or expired after it finished)")
+        raise _not_found(job_id)
     if job.state in (JobState.succeeded, JobState.failed):
         raise ApiError(409, "job_finished", f"job {job_id} already {job.state.value}; nothing to cancel")
     return job_out(request, job)
@@ -108,11 +134,16 @@ def cancel_job(job_id: JobId, request: Request, store: StoreDep):
     summary="Download an artifact (config.json, model.safetensors, report.json)",
 )
 def get_artifact(
-    job_id: JobId, name: Annotated[str, Path(max_length=100)], store: StoreDep, storage: StorageDep,
+    job_id: JobId, name: Annotated[str, Path(max_length=100)], principal: PrincipalDep,
+    store: StoreDep, storage: StorageDep,
 ):
-    job = _get_or_404(store, job_id)
+    job = _get_own_or_404(store, job_id, principal)
     artifact = next((a for a in job.artifacts if a.name == name), None)
     if artifact is None:
         have = ", ".join(a.name for a in job.artifacts) or f"none yet (the job is {job.state.value})"
         raise ApiError(404, "artifact_not_found", f"job {job_id} has no artifact {name!r}; it has: {have}")
-    return RedirectResponse(storage.presigned_get(artifact.key, filename=name), status_code=307)
+    # A fresh short-lived URL on every request; nothing on the way may keep it.
+    return RedirectResponse(
+        storage.presigned_get(artifact.key, filename=name), status_code=307,
+        headers={"Cache-Control": "no-store"},
+    )

@@ -27,10 +27,11 @@ def queue():
 
 
 @pytest.fixture
-def client(settings, queue, storage):
+def client(settings, queue, storage, keys):
+    """A client that sends alice's API key."""
     app.dependency_overrides[get_settings] = lambda: settings
     app.dependency_overrides[get_queue] = lambda: queue
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with TestClient(app, raise_server_exceptions=False, headers=keys.headers("alice")) as c:
         yield c
     app.dependency_overrides.clear()
 
@@ -120,7 +121,7 @@ def test_get_unknown_job_is_404(client):
 
 
 def test_job_view_shows_progress_error_and_artifacts(client, store, storage):
-    job, _ = store.create("https://example.org/m/")
+    job, _ = store.create("https://example.org/m/", owner="alice")
     store.claim(job.id)
     store.finish(job.id, JobState.failed, error=JobError(code="unsupported_architecture", message="no"))
     body = client.get(f"/v1/jobs/{job.id}").json()
@@ -169,7 +170,7 @@ def test_cancel(client, store):
 
 
 def test_artifact_redirects_to_a_presigned_url(client, store, storage, settings):
-    job, _ = store.create("https://example.org/m/")
+    job, _ = store.create("https://example.org/m/", owner="alice")
     key = f"jobs/{job.id}/report.json"
     storage.client.put_object(Bucket=settings.s3_bucket, Key=key, Body=b'{"passed": true}')
     store.claim(job.id)
@@ -183,6 +184,8 @@ def test_artifact_redirects_to_a_presigned_url(client, store, storage, settings)
     location = r.headers["location"]
     assert urlsplit(location).netloc == urlsplit(settings.s3_endpoint_url).netloc
     assert "X-Amz-Signature=" in location and f"X-Amz-Expires={settings.presign_ttl_seconds}" in location
+    assert settings.presign_ttl_seconds == 300  # short-lived by default
+    assert r.headers["cache-control"] == "no-store"
     import httpx
 
     assert httpx.get(location).json() == {"passed": True}
@@ -193,28 +196,34 @@ def test_artifact_redirects_to_a_presigned_url(client, store, storage, settings)
 
 
 def test_artifacts_of_an_unfinished_job_are_404_with_a_reason(client, store):
-    job, _ = store.create("https://example.org/m/")
+    job, _ = store.create("https://example.org/m/", owner="alice")
     r = client.get(f"/v1/jobs/{job.id}/artifacts/model.safetensors", follow_redirects=False)
     assert r.status_code == 404
     assert "queued" in r.json()["error"]["message"]
 
 
-def test_queue_down_is_503_and_the_job_does_not_linger(client, store):
+def test_queue_down_is_503_and_the_job_does_not_linger(client, store, queue):
     app.dependency_overrides[get_queue] = lambda: RecordingQueue(fail=True)
-    r = client.post("/v1/jobs", json={"source_url": "https://example.org/m/"})
+    body = {"source_url": "https://example.org/m/", "idempotency_key": "first-try"}
+    r = client.post("/v1/jobs", json=body)
     assert r.status_code == 503 and r.json()["error"]["code"] == "queue_unavailable"
     assert store.list(state=JobState.queued)[0] == []
     assert [j.error.code for j in store.list(state=JobState.failed)[0]] == ["queue_unavailable"]
+    # The idempotency key was freed: the same submission, once the queue is back, is a new job.
+    app.dependency_overrides[get_queue] = lambda: queue
+    again = client.post("/v1/jobs", json=body)
+    assert again.status_code == 202 and "idempotent-replayed" not in again.headers
+    assert queue.sent == [again.json()["id"]]
 
 
-def test_redis_down_is_503_without_internals(make_settings, queue):
+def test_redis_down_is_503_without_internals(make_settings, queue, keys):
     from deploy.local import free_port
 
     dead = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     app.dependency_overrides[get_settings] = lambda: dead
     app.dependency_overrides[get_queue] = lambda: queue
     try:
-        with TestClient(app, raise_server_exceptions=False) as c:
+        with TestClient(app, raise_server_exceptions=False, headers=keys.headers()) as c:
             r = c.post("/v1/jobs", json={"source_url": "https://example.org/m/"})
     finally:
         app.dependency_overrides.clear()
@@ -228,5 +237,8 @@ def test_openapi_documents_the_api(client):
     assert {"/v1/jobs", "/v1/jobs/batch", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel",
             "/v1/jobs/{job_id}/artifacts/{name}", "/healthz", "/readyz"} <= set(spec["paths"])
     create = spec["paths"]["/v1/jobs"]["post"]
-    assert "202" in create["responses"]
+    assert {"202", "401", "413", "429"} <= set(create["responses"])
+    assert create["security"] == [{"ApiKey": []}]
+    assert spec["components"]["securitySchemes"]["ApiKey"]["scheme"] == "bearer"
+    assert "security" not in spec["paths"]["/readyz"]["get"]
     assert "JobOptions" in spec["components"]["schemas"]

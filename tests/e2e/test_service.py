@@ -13,8 +13,8 @@ FAST = {"calibration": {"tokens": 64, "seq_len": 16}, "greedy_tokens": 4}
 
 
 @pytest.fixture(scope="module")
-def client(service):
-    with httpx.Client(base_url=service.url, timeout=30) as c:
+def client(service, keys):
+    with httpx.Client(base_url=service.url, timeout=30, headers=keys.headers("alice")) as c:
         yield c
 
 

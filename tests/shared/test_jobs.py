@@ -157,3 +157,43 @@ def test_concurrent_updates_lose_nothing(store, settings):
     for t in threads:
         t.join()
     assert store.get(job.id).attempts == 1 + 80
+
+
+def test_listing_by_owner(store):
+    a1, _ = store.create("https://a/1", owner="alice")
+    b1, _ = store.create("https://b/1", owner="bob")
+    a2, _ = store.create("https://a/2", owner="alice")
+    anon, _ = store.create("https://x/", owner=None)
+    store.request_cancel(a1.id)
+    assert [j.id for j in store.list(owner="alice")[0]] == [a2.id, a1.id]
+    assert [j.id for j in store.list(owner="bob")[0]] == [b1.id]
+    assert [j.id for j in store.list(owner=None)[0]] == [anon.id]
+    assert [j.id for j in store.list(owner="alice", state=JobState.cancelled)[0]] == [a1.id]
+    assert [j.id for j in store.list(owner="alice", state=JobState.queued)[0]] == [a2.id]
+    assert store.list(owner="carol")[0] == []
+    assert len(store.list()[0]) == 4  # without an owner: every job (operators)
+    page, cursor = store.list(owner="alice", limit=1)
+    assert [j.id for j in page] == [a2.id]
+    assert [j.id for j in store.list(owner="alice", limit=1, cursor=cursor)[0]] == [a1.id]
+
+
+def test_release_idempotency_key(store):
+    job, _ = store.create("https://a/", idempotency_key="k", owner="alice")
+    store.release_idempotency_key(job)
+    fresh, created = store.create("https://a/", idempotency_key="k", owner="alice")
+    assert created and fresh.id != job.id
+    store.release_idempotency_key(job)  # names another job now: left alone
+    assert store.create("https://a/", idempotency_key="k", owner="alice")[0].id == fresh.id
+
+
+def test_writes_of_a_superseded_attempt_change_nothing(store):
+    job, _ = store.create("https://a/")
+    first = store.claim(job.id).attempts
+    second = store.claim(job.id).attempts  # the message was delivered again
+    assert (first, second) == (1, 2)
+    stale = store.advance(job.id, JobState.checking, Progress(percent=80), attempt=first)
+    assert stale.state == JobState.downloading and stale.attempts == 2
+    assert store.finish(job.id, JobState.failed, error=JobError(code="x", message="y"), attempt=first).state \
+        == JobState.downloading
+    done = store.finish(job.id, JobState.succeeded, attempt=second)
+    assert done.state == JobState.succeeded

@@ -51,3 +51,45 @@ def test_fetch_limits_carry_the_settings():
     assert limits.max_redirects == 2
     assert limits.allow_pickle is False
     assert (limits.s3_endpoint_url, limits.s3_access_key, limits.s3_secret_key) == ("http://s3:9000", "a", "b")
+
+
+def test_access_defaults_are_safe(monkeypatch):
+    for name in list(__import__("os").environ):
+        if name.startswith("ATTNONLY_"):
+            monkeypatch.delenv(name)
+    s = Settings()
+    assert s.api_keys == [] and s.allow_anonymous is False  # no key: nothing is served
+    assert s.rate_limit_jobs > 0 and s.rate_limit_window_seconds == 60
+    assert s.max_request_bytes == 1024 * 1024
+    assert s.presign_ttl_seconds == 300
+
+
+def test_api_keys_from_the_environment(monkeypatch):
+    import hashlib
+
+    digest = hashlib.sha256(b"secret-key").hexdigest()
+    other = hashlib.sha256(b"other-key").hexdigest()
+    monkeypatch.setenv("ATTNONLY_API_KEYS", f"alice:{digest.upper()}, {other} ,")
+    s = Settings()
+    assert [(k.name, k.sha256) for k in s.api_keys] == [("alice", digest), (f"key-{other[:12]}", other)]
+    assert "secret-key" not in repr(s)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("alice:secret-key", "never the key itself"),
+    ("ak_plain_key_pasted_by_mistake", "SHA-256"),
+    ("bad name:" + "a" * 64, "letters, digits"),
+    ("alice:" + "a" * 63, "64 hex"),
+    ("alice:" + "a" * 64 + ",bob:" + "a" * 64, "two names"),
+])
+def test_bad_api_key_entries_are_refused(monkeypatch, entry, message):
+    monkeypatch.setenv("ATTNONLY_API_KEYS", entry)
+    with pytest.raises(ValidationError, match=message):
+        Settings()
+
+
+def test_short_timeouts_for_tests_still_keep_their_order():
+    s = Settings(task_time_limit=9, visibility_timeout=10)
+    assert s.visibility_timeout > s.task_time_limit
+    with pytest.raises(ValidationError):
+        Settings(task_time_limit=4, visibility_timeout=10)

@@ -25,3 +25,18 @@ def test_task_is_registered_under_its_route_name():
     from worker.app import celery_app
 
     assert CONVERT_TASK in celery_app.tasks
+
+
+def test_crash_recovery_settings_follow_the_visibility_timeout():
+    from worker.app import PROC_ALIVE_TIMEOUT, restore_interval, soft_time_limit
+
+    short = make_celery(Settings(redis_url="redis://127.0.0.1:1/3", task_time_limit=14, visibility_timeout=15)).conf
+    options = short.broker_transport_options
+    assert options["visibility_timeout"] == 15
+    # A dead worker's job is looked for every second here (kombu's default: every 100 s).
+    assert options["unacked_restore_interval"] == 1 and options["unacked_restore_throttle"] == 1
+    assert options["unacked_mutex_expire"] == 15
+    assert 0 < short.task_soft_time_limit < short.task_time_limit == 14
+    assert short.broker_connection_max_retries is None  # Redis away: keep reconnecting
+    assert short.worker_proc_alive_timeout == PROC_ALIVE_TIMEOUT >= 60
+    assert restore_interval(18000) == 10 and soft_time_limit(14400) == 14340

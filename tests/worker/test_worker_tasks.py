@@ -3,6 +3,7 @@ download and the conversion where a test needs to steer them."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -272,3 +273,143 @@ def test_storage_outage_fails_the_job_with_a_clear_code(store, make_settings):
     failed = store.get(job.id)
     assert failed.error.code == "storage_unavailable" and failed.artifacts == []
     assert not (Path(settings.work_dir) / job.id).exists()
+
+
+# --- faults: the job store and S3 going away ------------------------------------------------
+
+
+@pytest.fixture
+def restartable_redis(tmp_path):
+    """A dedicated redis-server that keeps its data on disk, so that it can be stopped
+    and started again without losing the job the test created."""
+    from contextlib import ExitStack
+
+    from deploy.local import RedisServer, free_port
+
+    with ExitStack() as stack:
+        server = RedisServer(free_port(), stack, tmp_path / "redis-logs", data_dir=tmp_path / "redis-data")
+        server.start()
+        yield server
+
+
+def test_task_starting_while_redis_is_down_waits_for_it(restartable_redis, make_settings, storage):
+    import threading
+
+    from shared.jobs import JobStore, redis_client
+
+    settings = make_settings(redis_url=restartable_redis.url, store_retry_seconds=30)
+    store = JobStore(redis_client(settings.redis_url), settings.redis_key_prefix)
+    job, _ = store.create("https://example.org/m/")
+    restartable_redis.stop()  # the message reached a worker, then Redis went away
+    back = threading.Timer(1.5, restartable_redis.start)
+    back.start()
+    try:
+        started = time.monotonic()
+        assert run(store, storage, settings, job.id, convert=FakeConvert()) == JobState.succeeded
+        waited = time.monotonic() - started
+    finally:
+        back.join()
+    assert waited >= 1.4  # it really waited for Redis, then did the whole job
+    done = store.get(job.id)
+    assert done.state == JobState.succeeded and done.attempts == 1
+    assert sorted(a.name for a in done.artifacts) == sorted(ARTIFACT_NAMES)
+
+
+def test_task_gives_the_message_back_when_redis_stays_down(make_settings, storage, monkeypatch):
+    from celery.exceptions import Reject
+
+    import worker.tasks as tasks
+    from deploy.local import free_port
+    from shared.jobs import JobStore, redis_client
+
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", store_retry_seconds=0.5,
+                             device="cpu")
+    store = JobStore(redis_client(settings.redis_url), settings.redis_key_prefix)
+    monkeypatch.setattr(tasks, "_services", lambda: (settings, store, storage))
+    started = time.monotonic()
+    with pytest.raises(Reject) as info:
+        tasks.convert_job.run("3f0c2a9e-0000-4000-8000-000000000000")
+    assert info.value.requeue is True  # back to the queue, not acknowledged and lost
+    assert 0.4 <= time.monotonic() - started < 10
+
+
+def test_progress_writes_failing_do_not_stop_the_job(store, storage, settings, monkeypatch):
+    import redis
+
+    job, _ = store.create("https://example.org/m/")
+    real_advance, calls = store.advance, []
+
+    def flaky_advance(*args, **kwargs):
+        calls.append(args)
+        if len(calls) % 2 == 0:
+            raise redis.ConnectionError("Redis is restarting")
+        return real_advance(*args, **kwargs)
+
+    monkeypatch.setattr(store, "advance", flaky_advance)
+    assert run(store, storage, settings, job.id, convert=FakeConvert()) == JobState.succeeded
+    assert len(calls) > 4 and store.get(job.id).state == JobState.succeeded
+
+
+def test_s3_outage_is_retried_with_backoff_then_fails(store, make_settings, caplog):
+    import logging
+
+    from deploy.local import free_port
+    from shared.storage import Storage
+
+    settings = make_settings(s3_endpoint_url=f"http://127.0.0.1:{free_port()}", storage_attempts=3,
+                             storage_retry_base_delay=0.3)
+    job, _ = store.create("https://example.org/m/", None)
+    caplog.set_level(logging.WARNING, logger="worker.tasks")
+    started = time.monotonic()
+    assert run(store, Storage(settings, quick=True), settings, job.id, convert=FakeConvert()) == JobState.failed
+    elapsed = time.monotonic() - started
+    failed = store.get(job.id)
+    assert failed.error.code == "storage_unavailable"
+    assert "gave up after 3 attempts" in failed.error.message
+    retries = [r for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) == 2  # 3 attempts: 2 waits, of 0.3 s and then 0.6 s (plus jitter)
+    assert elapsed >= 0.3 + 0.6
+
+
+def test_s3_coming_back_within_the_retries_lets_the_job_succeed(store, storage, make_settings, monkeypatch):
+    from shared.storage import StorageError
+
+    settings = make_settings(storage_attempts=4, storage_retry_base_delay=0.01)
+    job, _ = store.create("https://example.org/m/", None)
+    real_upload, failures = storage.upload_job_files, []
+
+    def flaky_upload(job_id, folder, names):
+        if len(failures) < 3:
+            failures.append(names)
+            raise StorageError("upload of x failed: Could not connect to the endpoint URL")
+        return real_upload(job_id, folder, names)
+
+    monkeypatch.setattr(storage, "upload_job_files", flaky_upload)
+    assert run(store, storage, settings, job.id, convert=FakeConvert()) == JobState.succeeded
+    assert len(failures) == 3
+    assert sorted(storage.list_keys(job_prefix(job.id))) == sorted(f"jobs/{job.id}/{n}" for n in ARTIFACT_NAMES)
+
+
+def test_a_superseded_run_leaves_the_job_to_the_newer_one(store, storage, settings):
+    job, _ = store.create("https://example.org/m/", None)
+    newer_upload = f"jobs/{job.id}/config.json"
+
+    def on_layer(stage, layer):
+        if (stage, layer) == ("converting", 1):
+            # The message was delivered again and another worker claimed the job.
+            store.claim(job.id)
+            storage.client.put_object(Bucket=settings.s3_bucket, Key=newer_upload, Body=b"{}")
+
+    assert run(store, storage, settings, job.id, convert=FakeConvert(on_layer=on_layer)) is None
+    current = store.get(job.id)
+    assert current.attempts == 2 and current.state == JobState.downloading  # the newer run's
+    assert storage.list_keys(job_prefix(job.id)) == [newer_upload]  # nothing of it removed
+
+
+def test_redelivered_job_with_a_pending_cancel_ends_cancelled(store, storage, settings):
+    job, _ = store.create("https://example.org/m/", None)
+    store.claim(job.id)
+    store.request_cancel(job.id)  # asked while running; then that worker died
+    convert = FakeConvert()
+    assert run(store, storage, settings, job.id, convert=convert) == JobState.cancelled
+    assert convert.calls == [] and store.get(job.id).error.code == "cancelled"
