@@ -3,7 +3,7 @@
 Reads only the safetensors headers. Uses the checkpoints the other scripts left in
 --workdir (converting any that are missing with checks=[]).
 
-    .venv/bin/python bench/bytes.py            # GPT-2-small (4 and 12 layers), LLaMA-shaped
+    .venv/bin/python bench/bytes.py            # GPT-2-small (12 layers), LLaMA-shaped
     .venv/bin/python bench/bytes.py --quick    # tiny smoke run
 """
 import json
@@ -44,7 +44,7 @@ def split_bytes(path: Path):
 
 def main(argv=None):
     args = common.parse_args("converted checkpoint bytes vs source bytes", argv)
-    names = common.FORWARD_MODELS[args.quick] + ([] if args.quick else [common.CONVERSION_MODEL[False]])
+    names = list(dict.fromkeys(common.FORWARD_MODELS[args.quick] + [common.CONVERSION_MODEL[args.quick]]))
     print(common.machine_line())
     rows, summary = [], []
     with common.workdir(args.workdir) as root:

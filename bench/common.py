@@ -47,7 +47,7 @@ MODELS = {
                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256),
                    "tiny LLaMA (quick mode): D=64, F=176, 1 layer, vocab 1000"),
 }
-FORWARD_MODELS = {False: ["gpt2-small-4L", "llama-1024-4L"], True: ["gpt2-tiny", "llama-tiny"]}
+FORWARD_MODELS = {False: ["gpt2-small-12L", "llama-1024-4L"], True: ["gpt2-tiny", "llama-tiny"]}
 CONVERSION_MODEL = {False: "gpt2-small-12L", True: "gpt2-tiny"}
 CONVERT_OPTIONS = dict(checks=[], calibration_tokens=256, seq_len=64)
 
@@ -60,9 +60,27 @@ def parse_args(description, argv=None, extra=None):
     parser.add_argument("--workdir", type=Path, default=None,
                         help="cache source/converted checkpoints here (default: a temporary directory, removed)")
     parser.add_argument("--json", type=Path, default=None, help="write the summary rows here (for run_all.py)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (OMP_NUM_THREADS/MKL_NUM_THREADS, inherited by child processes); "
+                             "default: torch's default (all cores)")
     if extra:
         extra(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.threads:
+        set_threads(args.threads)
+    return args
+
+
+def set_threads(n: int):
+    """Before torch is imported (the scripts import it lazily), so that OpenMP and MKL both obey."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+def thread_args(args) -> list:
+    return ["--threads", str(args.threads)] if args.threads else []
 
 
 @contextmanager
@@ -76,6 +94,23 @@ def workdir(path):
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def code_line() -> str:
+    """Which library code was measured: HEAD plus whether shared/ has uncommitted changes."""
+    import hashlib
+    import subprocess
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+    fastpath = ROOT / "shared" / "conversion" / "fastpath.py"
+    digest = hashlib.sha256(fastpath.read_bytes()).hexdigest()[:12] if fastpath.is_file() else "missing"
+    dirty = git("status", "--porcelain", "--", "shared")
+    return (f"code: git {git('rev-parse', '--short', 'HEAD')}, shared/ "
+            f"{'has uncommitted changes' if dirty else 'clean'}, fastpath.py sha256 {digest}")
 
 
 def machine_line() -> str:
@@ -161,6 +196,14 @@ def timed(fn):
     t = time.perf_counter()
     result = fn()
     return time.perf_counter() - t, result
+
+
+def timed_cpu(fn):
+    """(wall seconds, process CPU seconds over all threads, result). CPU time is far less
+    sensitive than wall time to other processes competing for the same cores."""
+    t, c = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - t, time.process_time() - c, result
 
 
 def median(values):

@@ -34,6 +34,7 @@ def main(argv=None):
     args = common.parse_args("run all benchmarks and print the final table", argv, extra_args)
     started = time.perf_counter()
     print(common.machine_line())
+    print(common.code_line())
     print(common.NO_GPU_NOTE, flush=True)
     rows = []
     env = {**os.environ, "PYTHONPATH": str(common.ROOT)}
@@ -41,7 +42,7 @@ def main(argv=None):
         for name in args.only:
             summary = Path(tmp) / f"{name}.json"
             command = [sys.executable, str(common.ROOT / "bench" / f"{name}.py"), "--workdir", str(root),
-                       "--json", str(summary)] + (["--quick"] if args.quick else [])
+                       "--json", str(summary)] + (["--quick"] if args.quick else []) + common.thread_args(args)
             print(f"\n##### bench/{name}.py", flush=True)
             t = time.perf_counter()
             done = subprocess.run(command, cwd=common.ROOT, env=env)
@@ -54,6 +55,7 @@ def main(argv=None):
                 met = "" if args.quick else {True: "yes", False: "NO", None: ""}[row["met"]]
                 rows.append([row["metric"], format_value(row["value"]), target, met])
     print(f"\n{common.machine_line()}")
+    print(common.code_line())
     common.print_table(f"final table ({'quick smoke run, tiny models' if args.quick else 'full run'}; "
                        f"total {time.perf_counter() - started:.0f} s)",
                        ["metric", "measured", "target", "met"], rows)
