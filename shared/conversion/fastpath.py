@@ -3,7 +3,7 @@
 The same softmax attention as `heads.py`, leakage included, without the T x T scores.
 A head's query is the constant 1, so for query i the softmax over {self, null, other
 visible keys j} only needs sums over the visible keys. Factoring e^omega out of every
-score exactly (never adding omega to a score in floating point), the weights are
+score exactly (omega is never added to a score in floating point), the weights are
 
     self  e^{z_i}        null  1        other visible key j  e^{z_j - omega}
 
@@ -12,18 +12,28 @@ score exactly (never adding omega to a score in floating point), the weights are
 
 S and Q are prefix sums over j < i (causal) or totals minus self (bidirectional).
 
-Stabilisation. Per column (b, m, k) we take Z = max_j z_j over the real keys and sum
-e^{z_j - Z} <= 1; per query, numerator and denominator are divided by e^{s_i} with
-s_i = max(F_i, Z - omega), F_i = max(z_i, 0) (null slot) or z_i (no null slot), so
-no exponent is positive: nothing overflows for any omega or |z| (omega = 1e6 and
-|z| = 1e5 are fine), and the leakage keeps its exact weight e^{Z - omega - s_i} S_i.
-A per-column Z can flush to zero terms with z_j < Z - 87 (fp32). Bidirectionally
-every query sees the max key, so those terms are < T e^{-87} of its denominator. In a
-causal prefix that lies before the max key they are bounded by
-T e^{Z - omega - min_i F_i - 87}: where that bound is not negligible (a head whose
-leakage is e^{60} times its self weight, i.e. a broken Omega), the columns concerned
-are recomputed exactly in float64 log-space (`_exact_causal`). Calibrated layers
-never take that path.
+Stabilisation. Per column (b, m, k), Z = max_j z_j over the real keys (from the column
+max/min of the keys: z is monotone in them) and the sums hold e^{z_j - Z} <= 1. Then,
+with zw = Z - omega (so the other keys weigh e^{zw} e^{z_j - Z}),
+
+    null slot:  out_i = (sigma(z_i) v_i + r_i Q_i) / (1 + r_i S_i),  r_i = e^{zw} sigma(-z_i)
+    none:       out_i = (v_i + r_i Q_i) / (1 + r_i S_i),             r_i = e^{zw - z_i}
+
+Every factor is a sigmoid (taken from the keys' own terms e^{z - Z} where that is exact) or
+an exponential of a bounded argument, the denominator is >= 1, and omega = 1e6 with
+|z| = 1e5 neither overflows nor cancels. This form needs
+e^{zw} n (resp. e^{zw - min z} n) to stay below e^80, i.e. leakage below e^80 times the
+self weight; a head past that (a broken Omega) takes the stabilised general form
+(`_combine_general`), per head.
+
+Exponent arguments are clamped at -60 (fp32; -600 fp64): an exp that underflows runs ~10x
+slower on x86 CPUs, and e^-60 of a key's weight is far below rounding. The clamp (like the
+per-column Z) perturbs the sums by at most n e^{Z - omega - 60}. Bidirectionally every query sees the
+max key, whose weight is e^{zw}, so that is < n e^-60 of every denominator. A causal query
+before its column's max key can have a denominator as small as e^{min F} (F_i = max(z_i, 0)
+with a null slot, z_i without): where n e^{Z - omega - min F - 60} exceeds e^-25 (leakage
+e^35 times the self weight: a broken Omega), the columns concerned are recomputed exactly
+in float64 log-space (`_exact_causal`). Calibrated layers never take either fallback.
 
 Product pairs (DESIGN.md §4) use the exact identity for the sum of the two heads
 (z = eps s, V = (2/eps) u, C/S/A/B sums of cosh z_j, sinh z_j, V_j cosh z_j,
@@ -38,18 +48,22 @@ for any eps (evaluating the heads separately loses a factor 1/eps). It does lose
 ~e^{2 max|z|} ulps for large |z| (C - S = sum e^{-z_j}): fp32 is used up to
 max |eps s| = 0.5, fp64 beyond (the construction keeps |eps s| far below 0.1).
 
-Pointwise stages are compiled with torch.compile for large inputs when it works (eager
-on any failure); causal prefix sums are chunked triangular GEMMs (chunk_prefix_sums).
+Work goes block by block of ~2^19 / (B T) units (cache-sized workspaces, reused by all
+heads and blocks: no temporaries, no fresh pages). Per head and block: one pass writes the
+key terms, causal prefix sums are chunked triangular GEMMs (`chunk_prefix_sums`),
+bidirectional totals one aten sum, and ~10 in-place passes combine. No torch.compile: an
+inductor-compiled version of these steps measured the same ratios to a GELU FFN on a 2-core
+CPU (1.23x at M = 1, 2.5x at M = 6, T = 1024, F = 3072), for 10-20 s of compilation per shape
+variant and a C++ toolchain that the worker images lack.
 Inference only: the public functions run under torch.no_grad().
 """
 import math
-import os
 import warnings
 
 import torch
 
-_COMPILE = os.environ.get("CONVERSION_FASTPATH_COMPILE", "1") != "0"
-COMPILE_MIN_ELEMENTS = 1 << 18  # smaller inputs run eager: a compile costs seconds, small eager calls are cheap
+CHUNK = 8  # rows per chunk of the causal prefix sums
+BLOCK_ELEMENTS = 1 << 19  # B * T * columns per block of units: ~2 MB fp32 workspaces, reused, cache-resident
 # Product pairs: the cosh/sinh identity loses ~e^{2 max|z|} ulps (sums like C - S = sum e^{-z_j}
 # cancel once |z| is large), so it runs in fp32 up to max |eps s| = 0.5, in fp64 up to 9 (< 1e-8),
 # and beyond that in fp64 with a warning (there the pair's own tanh error is O(1): eps is mis-set).
@@ -57,191 +71,191 @@ _PAIR_Z_FP32 = 0.5
 _PAIR_Z_FP64 = 9.0
 _PAIR_Z_MAX = 300.0  # cosh(z)^2 n^2 |V| overflows fp64 beyond this
 _INF = float("inf")
-CHUNK = 8  # rows per chunk of the causal prefix sums
 
 
-def set_compile(enabled: bool):
-    """Use torch.compile for large inputs (the default; env CONVERSION_FASTPATH_COMPILE=0 turns it off)."""
-    global _COMPILE
-    _COMPILE = bool(enabled)
+def _exp_floor(dtype):
+    """Lowest exponent argument used: no denormals, and e^floor is far below rounding."""
+    return -600.0 if dtype == torch.float64 else -60.0
 
 
-class _Kernel:
-    """A pure tensor function, compiled on first large use; eager for good once compiling or running it fails."""
-
-    def __init__(self, fn):
-        self.fn, self.compiled, self.failed = fn, None, False
-
-    def __call__(self, *args):
-        if _COMPILE and not self.failed and args[0].numel() >= COMPILE_MIN_ELEMENTS:
-            try:
-                if self.compiled is None:
-                    self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
-                return self.compiled(*args)
-            except Exception as exc:  # no compiler, unsupported op, too many recompiles: same math, eager
-                self.failed = True
-                warnings.warn(f"fastpath: torch.compile failed for {self.fn.__name__}, running eager ({exc!r:.300})")
-        return self.fn(*args)
+def _exp_ceil(dtype):
+    """Largest exponent argument whose result times a few thousand still fits the dtype."""
+    return 700.0 if dtype == torch.float64 else 80.0
 
 
 def _span_limit(dtype):
-    """Largest Z - omega - min F + ln n for which the per-column stabiliser drops < e^-25 of any denominator."""
-    return -math.log(torch.finfo(dtype).tiny) - 25.0  # fp32: 62.3, fp64: 683
+    """Largest Z - omega - min F + ln n for which clamped or flushed terms stay < e^-25 of every denominator."""
+    return -_exp_floor(dtype) - 25.0
 
 
 def _work_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def _scalar(x, like):
-    return torch.tensor(x, dtype=like.dtype, device=like.device)  # 0-dim: one compiled graph for every value
-
-
-# --- pointwise kernels (compiled for large inputs) -------------------------------------
-# keep: (B, T, 1) bool, True = real key. floor: 0-dim, 0 with a null slot, -inf without.
-# Causal sums arrive as P (B, Tp, W), the sum over earlier rows of the same chunk of
-# CHUNK rows, and carry (B, Tp / CHUNK, W), the sum over earlier chunks (chunk_prefix_sums).
-
-def _combine(z, v, S, Q, zw, floor):
-    """One head's output from its sums. z, v, S, Q: (B, T, F); zw = Z - omega: (B, 1, F).
-
-    S, Q: sums of e^{z_j - Z} and e^{z_j - Z} v_j over the other visible keys. The weights
-    e^{z - s}, e^{floor - s}, e^{zw - s}, s = max(z, floor, zw), take two exps: one exponent is 0.
-    """
-    m = torch.maximum(z, floor)  # (B, T, F)
-    t = torch.exp(-(z - floor).abs())  # e^{min - max} of self and null; 0 without a null slot
-    self_w, null_w = torch.where(z >= floor, 1.0, t), torch.where(z >= floor, t, 1.0)
-    r = torch.exp(-(zw - m).abs())
-    leak_up = zw > m  # the other keys' scale dominates: s = zw
-    leak = torch.where(leak_up, 1.0, r)  # key j's weight is leak * e^{z_j - Z}
-    self_w, null_w = torch.where(leak_up, self_w * r, self_w), torch.where(leak_up, null_w * r, null_w)
-    den = self_w + null_w + leak * S
-    return (self_w * v + leak * Q) / den.clamp_min(torch.finfo(den.dtype).tiny)
-
-
-def _pad_rows(x):
-    """Zero rows appended along dim 1 up to a multiple of CHUNK."""
-    pad = (-x.shape[1]) % CHUNK
-    return torch.cat((x, x.new_zeros(x.shape[0], pad, *x.shape[2:])), dim=1)
-
-
-def _spread(carry, T):
-    """carry (B, nC, ...) -> (B, T, ...): row t gets carry[t // CHUNK] (a view, no copy when compiled)."""
-    B, nC = carry.shape[:2]
-    return carry.unsqueeze(2).expand(B, nC, CHUNK, *carry.shape[2:]).reshape(B, nC * CHUNK, *carry.shape[2:])[:, :T]
-
-
-def _causal_terms(k, v, keep, a, c, z0):
-    """Stabilised key terms e^{z_j - Z}, e^{z_j - Z} v_j: (B, Tp, 2, F), zero for padded keys and rows.
-
-    k, v: (B, T, F); a, c: (F,); z0: (B, 1, F) max z of earlier keys (-inf: none).
-    Also Z (B, 1, F) = max(z0, max real z) and the min of z over real queries (B, 1, F).
-    """
-    z = a * k + c  # (B, T, F)
-    Z = torch.maximum(torch.where(keep, z, -_INF).amax(dim=1, keepdim=True), z0).clamp_min(-1e30)
-    zmin = torch.where(keep, z, _INF).amin(dim=1, keepdim=True)
-    e = torch.exp(z - Z)  # (B, T, F) <= 1 for real keys
-    terms = torch.where(keep.unsqueeze(2), torch.stack((e, e * v), dim=2), 0.0)  # (B, T, 2, F)
-    return _pad_rows(terms), Z, zmin
-
-
-def _causal_output(k, v, P, carry, past, Z, a, c, g, omega, floor):
-    """g * head output (B, T, F); past: (B, 1, 2, F) keys before this chunk of tokens, stabilised by Z."""
-    T = k.shape[1]
-    sums = P[:, :T] + _spread(carry, T) + past  # (B, T, 2, F): over every visible key j < i
-    z = a * k + c
-    return g * _combine(z, v, sums[:, :, 0], sums[:, :, 1], Z - omega, floor)
-
-
-def _bidirectional_output(k, v, keep, a, c, g, omega, floor):
-    """g * head output with every real key visible: totals minus self."""
-    z = a * k + c  # (B, T, F)
-    Z = torch.where(keep, z, -_INF).amax(dim=1, keepdim=True).clamp_min(-1e30)  # (B, 1, F)
-    e = torch.where(keep, torch.exp(z - Z), 0.0)
-    ev = torch.where(keep, e * v, 0.0)
-    S = e.sum(dim=1, keepdim=True) - e  # error <= ulp * the query's own denominator
-    Q = ev.sum(dim=1, keepdim=True) - ev
-    return g * _combine(z, v, S, Q, Z - omega, floor)
-
-
-def _pair_parts(s, u, eps):
-    z = eps * s  # (B, T, F)
-    return z, u * (2.0 / eps), torch.cosh(z), torch.sinh(z)  # z, V, cosh z, sinh z
-
-
-def _pair_key_terms(s, u, keep, eps):
-    """Per key: cosh z, sinh z, V cosh z, V sinh z (B, T, 4, F), zero for padded keys; and max |z| of real keys."""
-    z, V, ch, sh = _pair_parts(s, u, eps)
-    terms = torch.where(keep.unsqueeze(2), torch.stack((ch, sh, V * ch, V * sh), dim=2), 0.0)
-    return terms, torch.where(keep, z.abs(), 0.0).amax()
-
-
-def _pair_terms(s, u, keep, eps):
-    """Causal pair terms padded to (B, Tp, 4, F) and max |z|."""
-    terms, zmax = _pair_key_terms(s, u, keep, eps)
-    return _pad_rows(terms), zmax
-
-
-def _pair_combine(s, u, eps, sums, n):
-    """Sum of the +eps and -eps heads; sums: (B, T, 4, F) over the other visible keys; n = e^-omega."""
-    z, V, ch, sh = _pair_parts(s, u, eps)
-    C, S, A, B = sums.unbind(dim=2)  # (B, T, F) each
-    ez = torch.exp(z)
-    den = (ez + 1.0 + n * (C + S)) * (1.0 / ez + 1.0 + n * (C - S))
-    self_part = 2.0 * sh + 2.0 * n * (sh * C - ch * S)
-    cross = 2.0 * n * (ch * B - sh * A + B + n * (B * C - A * S))
-    return (V * self_part + cross) / den
-
-
-def _pair_causal_output(s, u, eps, P, carry, past, n):
-    T = s.shape[1]
-    return _pair_combine(s, u, eps, P[:, :T] + _spread(carry, T) + past, n)
-
-
-def _pair_bidirectional_output(s, u, keep, eps, n):
-    terms, zmax = _pair_key_terms(s, u, keep, eps)
-    return _pair_combine(s, u, eps, terms.sum(dim=1, keepdim=True) - terms, n), zmax
-
-
-_causal_terms_k = _Kernel(_causal_terms)
-_causal_output_k = _Kernel(_causal_output)
-_bidirectional_output_k = _Kernel(_bidirectional_output)
-_pair_terms_k = _Kernel(_pair_terms)
-_pair_causal_output_k = _Kernel(_pair_causal_output)
-_pair_bidirectional_output_k = _Kernel(_pair_bidirectional_output)
-
-
-# --- prefix sums ----------------------------------------------------------------------
+# --- prefix sums and column ranges ------------------------------------------------------
 
 def _strict_lower(n, like):
     return torch.ones(n, n, dtype=like.dtype, device=like.device).tril(-1)  # (n, n)
 
 
-def chunk_prefix_sums(x):
-    """x (B, Tp, W), Tp a multiple of CHUNK -> P (B, Tp, W): sums over the earlier rows of the same
-    chunk; carry (B, Tp / CHUNK, W): sums over the earlier chunks; total (B, W).
+def chunk_prefix_sums(x, out):
+    """In-chunk and cross-chunk prefix sums of x (B, Tp, W), Tp a multiple of CHUNK.
 
+    out (B, Tp, W) receives P: row t holds the sum of the earlier rows of its chunk. Returns
+    carry (B, Tp / CHUNK, W), the sums over the earlier chunks, and total (B, W).
     One batched GEMM with a CHUNK x CHUNK strictly lower-triangular matrix, then the same on the
     chunk totals (1/CHUNK as many rows): a few large ops rather than O(sqrt T) small ones (aten's
     cumsum over a middle dim is ~5x slower on CPU, and many small parallel ops stall when the
-    machine is shared). Every sum is a few short fp32 dot products deep.
+    machine is shared). Every sum is a few short dot products deep.
     """
     B, Tp, W = x.shape
-    assert Tp % CHUNK == 0, (Tp, CHUNK)
+    assert Tp % CHUNK == 0 and out.shape == x.shape, (tuple(x.shape), tuple(out.shape), CHUNK)
     xc = x.view(B, Tp // CHUNK, CHUNK, W)
-    P = torch.matmul(_strict_lower(CHUNK, x), xc)  # (B, nC, CHUNK, W)
+    P = torch.matmul(_strict_lower(CHUNK, x), xc, out=out.view(xc.shape))  # (B, nC, CHUNK, W)
     sums = P[:, :, -1] + xc[:, :, -1]  # (B, nC, W) chunk totals
     carry = exclusive_prefix_sum(sums)
-    return P.view(B, Tp, W), carry, carry[:, -1] + sums[:, -1]
+    return carry, carry[:, -1] + sums[:, -1]
 
 
 def exclusive_prefix_sum(x):
-    """(B, T, W) -> (B, T, W): row t holds the sum of rows j < t."""
+    """(B, T, W) -> (B, T, W), a new tensor: row t holds the sum of rows j < t."""
     B, T, W = x.shape
     if T <= CHUNK:
         return torch.matmul(_strict_lower(T, x), x)
-    P, carry, _ = chunk_prefix_sums(_pad_rows(x))
-    return (P + _spread(carry, P.shape[1]))[:, :T]
+    Tp = T + (-T) % CHUNK
+    padded = torch.cat((x, x.new_zeros(B, Tp - T, W)), dim=1)
+    P = torch.empty_like(padded)
+    carry, _ = chunk_prefix_sums(padded, P)
+    return _add_carry(P, carry)[:, :T]
+
+
+def _add_carry(P, carry):
+    """P (B, Tp, ...) += carry (B, Tp / CHUNK, ...) broadcast over each chunk's rows, in place."""
+    B, Tp = P.shape[:2]
+    P.view(B, Tp // CHUNK, CHUNK, -1).add_(carry.reshape(B, Tp // CHUNK, 1, -1))
+    return P
+
+
+def _column_range(x, keep, masked):
+    """Max and min over the real rows of x (B, T, F): (B, 1, F) each, -inf / +inf where none."""
+    if not masked:
+        return x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
+    return x.masked_fill(~keep, -_INF).amax(dim=1, keepdim=True), x.masked_fill(~keep, _INF).amin(dim=1, keepdim=True)
+
+
+def _key_range(kmax, kmin, a, c):
+    """Max and min over the real keys of z = a k + c (B, 1, F), from those of k: z is monotone in k."""
+    up = a >= 0
+    Z, zmin = a * torch.where(up, kmax, kmin) + c, a * torch.where(up, kmin, kmax) + c
+    none = kmax == -_INF  # a column without a real key
+    return torch.where(none, -_INF, Z), torch.where(none, _INF, zmin)
+
+
+# --- one head ----------------------------------------------------------------------------
+
+class _Work:
+    """Workspaces for one block of columns, shared by its heads: no temporaries, no fresh pages."""
+
+    def __init__(self, B, T, F, like, rows=2):
+        Tp = T + (-T) % CHUNK
+        self.z = like.new_empty(B, T, F)
+        self.y = like.new_empty(B, T, F)
+        self.terms = like.new_empty(B, Tp, rows, F)
+        self.terms[:, T:] = 0  # padding rows: keep the chunked sums exact
+        self.P = like.new_empty(B, Tp, rows, F)
+
+
+def _blocks(B, T, F, like, rows=2):
+    """(column slice, workspace) covering the F units in blocks of ~BLOCK_ELEMENTS / (B T) columns."""
+    width = max(16, BLOCK_ELEMENTS // (B * T) // 16 * 16)
+    works = {}
+    for f0 in range(0, F, width):
+        cols = slice(f0, min(F, f0 + width))
+        w = cols.stop - cols.start
+        if w not in works:
+            works[w] = _Work(B, T, w, like, rows)
+        yield cols, works[w]
+
+
+def _key_terms(k, v, keep, masked, a, c, Z, zmin, work):
+    """work.z = z = a k + c (B, T, F); work.terms[:, :T] = e^{z_j - Z}, e^{z_j - Z} v_j, 0 for padded keys."""
+    T = k.shape[1]
+    z = torch.addcmul(c, a, k, out=work.z)
+    e, ev = work.terms[:, :T, 0], work.terms[:, :T, 1]
+    torch.addcmul(c - Z, a, k, out=e)  # z_j - Z <= 0 for real keys
+    floor = _exp_floor(k.dtype)
+    if masked or float((zmin - Z).min()) < floor:  # else no argument is below the floor
+        e.clamp_min_(floor)
+    e.exp_()
+    torch.mul(e, v, out=ev)
+    if masked:
+        e.masked_fill_(~keep, 0.0)
+        ev.masked_fill_(~keep, 0.0)  # a padded key's value may be inf or nan
+    return z
+
+
+def _fast_form_ok(zw, zmin, n_keys, null_slot, dtype):
+    """Whether _combine's leakage factor r S stays finite: e^{zw} n (no null slot: e^{zw - min z} n) < e^ceil."""
+    lead = zw if null_slot else zw - zmin
+    return float(lead.max()) + math.log(n_keys) <= _exp_ceil(dtype)
+
+
+def _weights(z, e, Z, zmin, zw, null_slot, work):
+    """The fast form's per-query self weight (None: 1) and leakage factor r (B, T, F), in work.y and
+    work.z (z is consumed). e: e^{z - Z}, the keys' terms of the same positions.
+
+    Null slot: sigma(z) and e^{zw} sigma(-z), from e as e / (e + e^{-Z}) and e^{-omega} / (e + e^{-Z})
+    where that is exact (no real key's term was clamped, e^{-Z} a normal number), else from two
+    sigmoids. No null slot: 1 and e^{zw - z}.
+    """
+    floor, ceil = _exp_floor(z.dtype), _exp_ceil(z.dtype)
+    if not null_slot:
+        return None, z.neg_().add_(zw).clamp_(floor, ceil).exp_()  # the ceil only binds at padded queries
+    ezw = torch.where(zw < floor, 0.0, zw.exp())  # a leakage below e^floor n is dropped: no denormals
+    if float((zmin - Z).min()) >= floor and -ceil <= float(Z.min()) and float(Z.max()) <= -floor:
+        scale = torch.exp(-Z)  # (B, 1, F)
+        den = torch.add(e, scale, out=z)  # e^{-Z} (e^z + 1)
+        return torch.div(e, den, out=work.y), den.reciprocal_().mul_(scale * ezw)
+    z.clamp_(-ceil, ceil)  # sigmoid(+-ceil) is 1 or ~e^-ceil (negligible); huge |z| is slow in exp
+    return torch.sigmoid(z, out=work.y), z.neg_().sigmoid_().mul_(ezw)
+
+
+def _combine(v, S, Q, self_w, r, out):
+    """out = (self_w v + r Q) / (1 + r S), in place (S, Q and self_w are consumed). All (B, T, F).
+
+    S, Q: sums of e^{z_j - Z} and e^{z_j - Z} v_j over the other visible keys.
+    """
+    den = S.mul_(r).add_(1.0)
+    num = Q.mul_(r).add_(v) if self_w is None else self_w.mul_(v).addcmul_(r, Q)
+    return torch.div(num, den, out=out)
+
+
+def _combine_general(z, v, S, Q, zw, floor):
+    """The same output for any leakage (a broken Omega): weights relative to e^s, s = max(z, floor, zw),
+    so that one of self, null, leak is 1 and none exceeds 1. floor: 0 (null slot) or -inf."""
+    low = -_exp_floor(z.dtype)
+
+    def decay(x):  # e^{-x} for x >= 0, 0 past e^-low: underflowing exps are ~10x slower, and e^-low is below rounding
+        return torch.where(x > low, 0.0, torch.exp(-x.clamp_max(low)))
+
+    m = z.clamp_min(floor)  # (B, T, F)
+    t = decay((z - floor).abs())  # e^{-|z - floor|}: 0 without a null slot
+    r = decay((zw - m).abs())
+    leak_up = zw > m  # s = zw: the other keys' scale dominates
+    rho = torch.where(leak_up, r, 1.0)  # e^{m - s}
+    leak = torch.where(leak_up, 1.0, r)  # e^{zw - s}
+    self_w = torch.where(z >= floor, rho, t * rho)  # e^{z - s}
+    den = (1.0 + t) * rho + leak * S
+    return (self_w * v + leak * Q) / den.clamp_min(torch.finfo(den.dtype).tiny)
+
+
+def _head_output(z, e, v, S, Q, Z, zmin, omega, null_slot, n_keys, work):
+    """work.y = the head's output (B, T, F); z, S and Q are consumed."""
+    zw = Z - omega
+    if _fast_form_ok(zw, zmin, n_keys, null_slot, z.dtype):
+        self_w, r = _weights(z, e, Z, zmin, zw, null_slot, work)
+        return _combine(v, S, Q, self_w, r, work.y)
+    return work.y.copy_(_combine_general(z, v, S, Q, zw, 0.0 if null_slot else -_INF))
 
 
 # --- exact fallback for causal columns whose stabiliser could drop mass ----------------
@@ -265,20 +279,17 @@ def _exact_causal(z, v, keep, omega, floor, init):
     return (self_w * v + torch.exp(log_pos - s) - torch.exp(log_neg - s)) / den
 
 
-
-def _repair_unsafe(y, k, v, keep, a, c, g, omega, floor, init, Z, zmin, n_keys):
-    """Recompute exactly (float64) the columns of g * head output y (B, T, F) where
-    n e^{Z - omega - min F - 87} is not negligible; init: (z0, S0, Q0) float64 (B, 1, F)."""
-    f_min = torch.maximum(zmin, floor)  # (B, 1, F) over real queries
+def _repair_unsafe(y, k, v, keep, a, c, omega, floor, init, Z, zmin, n_keys):
+    """Recompute exactly (float64) the columns of head output y (B, T, F) where
+    n e^{Z - omega - min F + floor} is not negligible; init: (z0, S0, Q0) float64 (B, 1, F)."""
+    f_min = zmin.clamp_min(floor)  # (B, 1, F) over real queries
     unsafe = (Z - omega - f_min + math.log(n_keys) > _span_limit(y.dtype)).view(Z.shape[0], Z.shape[2])
     if not bool(unsafe.any()):
         return y
     b, f = unsafe.nonzero(as_tuple=True)  # (n,) each
-    v64 = v[b, :, f].double()  # (n, T)
-    z = a.double()[f, None] * k[b, :, f].double() + c.double()[f, None]
+    z = a.double()[f, None] * k[b, :, f].double() + c.double()[f, None]  # (n, T)
     cols = tuple(t[b, 0, f] for t in init)
-    exact = _exact_causal(z, v64, keep[b, :, 0], omega, float(floor), cols)
-    y[b, :, f] = (g[f, None] * exact).to(y.dtype)
+    y[b, :, f] = _exact_causal(z, v[b, :, f].double(), keep[b, :, 0], omega, floor, cols).to(y.dtype)
     return y
 
 
@@ -296,51 +307,106 @@ class _GroupState:
 
 
 def _keep(key_padding_mask, B, T, device):
+    """(B, T, 1) bool, True = real key, and whether any key may be padded."""
     if key_padding_mask is None:
-        return torch.ones(B, T, 1, dtype=torch.bool, device=device)
+        return torch.ones(B, T, 1, dtype=torch.bool, device=device), False
     assert key_padding_mask.shape == (B, T), (tuple(key_padding_mask.shape), B, T)
-    return key_padding_mask.to(device=device, dtype=torch.bool).reshape(B, T, 1)
+    return key_padding_mask.to(device=device, dtype=torch.bool).reshape(B, T, 1), True
 
 
-def _causal_head(k, v, keep, a, c, g, omega, floor, state, m):
-    """g * causal output (B, T, F) of head m; with a state, past keys count and the state absorbs this chunk."""
+def _causal_head(k, v, keep, masked, a, c, omega, null_slot, Z, zmin, past, n_past, work):
+    """One head's causal output (work.y, (B, T, F)) for one block of columns. a, c: (F,).
+
+    past: None, or this head's float64 state views (z0, S0, Q0), (B, 1, F) each: the earlier
+    keys count, and the state absorbs these (updated in place).
+    """
     B, T, F = k.shape
-    z0 = k.new_full((B, 1, F), -_INF) if state is None else state.z0[m].to(k.dtype)
-    terms, Z, zmin = _causal_terms_k(k, v, keep, a[m], c[m], z0)
-    P, carry, total = chunk_prefix_sums(terms.view(B, -1, 2 * F))
-    if state is None:
+    if past is not None:
+        Z = torch.maximum(Z, past[0].to(k.dtype))
+    Z = Z.clamp_min(-1e30)  # no real key at all: keeps exp(z - Z) and exp(z0 - Z) free of inf - inf
+    z = _key_terms(k, v, keep, masked, a, c, Z, zmin, work)
+    carry, total = chunk_prefix_sums(work.terms.view(B, -1, 2 * F), work.P.view(B, -1, 2 * F))
+    if past is None:
         past64 = torch.zeros(B, 1, 2, F, dtype=torch.float64, device=k.device)
-        init = (z0.double(), past64[:, :, 0], past64[:, :, 1])
+        init = (torch.full_like(past64[:, :, 0], -_INF), past64[:, :, 0], past64[:, :, 1])
     else:
-        init = (state.z0[m], state.S0[m], state.Q0[m])
-        scale = torch.exp(state.z0[m] - Z.double())  # (B, 1, F) <= 1: past sums restabilised to Z
-        past64 = torch.stack((state.S0[m] * scale, state.Q0[m] * scale), dim=2)  # (B, 1, 2, F)
-    omega_t, floor_t = _scalar(omega, k), _scalar(floor, k)
-    y = _causal_output_k(k, v, P.view(B, -1, 2, F), carry.view(B, -1, 2, F), past64.to(k.dtype), Z,
-                         a[m], c[m], g[m], omega_t, floor_t)
-    n_keys = T + (0 if state is None else state.n)
-    y = _repair_unsafe(y, k, v, keep, a[m], c[m], g[m], omega, floor_t, init, Z, zmin, n_keys)
-    if state is not None:
+        init = past
+        scale = torch.exp(past[0] - Z.double())  # (B, 1, F) <= 1: past sums restabilised to Z
+        past64 = torch.stack((past[1] * scale, past[2] * scale), dim=2)  # (B, 1, 2, F)
+        carry = carry + past64.view(B, 1, 2 * F).to(k.dtype)
+    P = _add_carry(work.P, carry)  # (B, Tp, 2, F): sums over every visible key j < i
+    n_keys = T + n_past
+    y = _head_output(z, work.terms[:, :T, 0], v, P[:, :T, 0], P[:, :T, 1], Z, zmin, omega, null_slot, n_keys, work)
+    y = _repair_unsafe(y, k, v, keep, a, c, omega, 0.0 if null_slot else -_INF, init, Z, zmin, n_keys)
+    if past is not None:
         total = past64 + total.view(B, 1, 2, F).double()  # (B, 1, 2, F): all keys so far, stabilised by Z
-        state.z0[m], state.S0[m], state.Q0[m] = Z.double(), total[:, :, 0], total[:, :, 1]
+        past[1].copy_(total[:, :, 0])
+        past[2].copy_(total[:, :, 1])
+        past[0].copy_(Z)
     return y
 
 
-def _causal_group(k, v, keep, a, c, g, omega, null_slot, state):
-    """sum_m g_m * head_m (B, T, F), causal."""
-    floor = 0.0 if null_slot else -_INF
-    out = None
-    for m in range(a.shape[0]):
-        y = _causal_head(k, v, keep, a, c, g, omega, floor, state, m)
-        out = y if out is None else out.add_(y)
+def _bidirectional_head(k, v, keep, masked, a, c, omega, null_slot, Z, zmin, work):
+    """One head's output (work.y, (B, T, F)) for one block of columns, every real key visible."""
+    T = k.shape[1]
+    Z = Z.clamp_min(-1e30)
+    z = _key_terms(k, v, keep, masked, a, c, Z, zmin, work)
+    terms = work.terms[:, :T]  # (B, T, 2, F)
+    others = torch.sub(terms.sum(dim=1, keepdim=True), terms, out=work.P[:, :T])  # error <= ulp * own denominator
+    return _head_output(z, terms[:, :, 0], v, others[:, :, 0], others[:, :, 1], Z, zmin, omega, null_slot, T, work)
+
+
+def _group(k, v, key_padding_mask, a, c, g, omega, null_slot, causal, state=None):
+    """sum_m g_m * head_m (B, T, F), block of columns by block of columns."""
+    B, T, F = k.shape
+    keep, masked = _keep(key_padding_mask, B, T, k.device)
+    kmax, kmin = _column_range(k, keep, masked)  # (B, 1, F): shared by the M heads
+    n_past = 0 if state is None else state.n
+    out = torch.empty_like(k)
+    for cols, work in _blocks(B, T, F, k):
+        kb, vb, ob = k[:, :, cols], v[:, :, cols], out[:, :, cols]  # (B, T, w) views
+        for m in range(a.shape[0]):
+            am, cm = a[m, cols], c[m, cols]  # (w,)
+            Z, zmin = _key_range(kmax[:, :, cols], kmin[:, :, cols], am, cm)
+            if causal:
+                past = None if state is None else tuple(t[m, :, :, cols] for t in (state.z0, state.S0, state.Q0))
+                y = _causal_head(kb, vb, keep, masked, am, cm, omega, null_slot, Z, zmin, past, n_past, work)
+            else:
+                y = _bidirectional_head(kb, vb, keep, masked, am, cm, omega, null_slot, Z, zmin, work)
+            if m == 0:
+                torch.mul(y, g[m, cols], out=ob)
+            else:
+                ob.addcmul_(y, g[m, cols])
     if state is not None:
-        state.n += k.shape[1]
+        state.n += T
+    return out
+
+
+def _group_token(k, v, real, a, c, g, omega, floor, state):
+    """One new token for all M heads at once from the running sums, float64: k, v (B, 1, F); real (B,).
+
+    Exact without a fallback: S0 >= 1 once a key is in (z0 is the running max), so with
+    s = max(z, floor, z0 - omega) the denominator is >= 1.
+    """
+    z = a[:, None, None, :] * k + c[:, None, None, :]  # (M, B, 1, F)
+    zw = state.z0 - omega
+    s = torch.maximum(z.clamp_min(floor), zw)
+    self_w, leak = torch.exp(z - s), torch.exp(zw - s)
+    den = self_w + torch.exp(floor - s) + leak * state.S0
+    out = (g[:, None, None, :] * (self_w * v + leak * state.Q0) / den).sum(dim=0)  # (B, 1, F)
+    z_new = torch.maximum(state.z0, z)
+    scale, e = torch.exp(state.z0 - z_new), torch.exp(z - z_new)
+    upd = real.view(1, -1, 1, 1)
+    state.S0 = torch.where(upd, state.S0 * scale + e, state.S0)
+    state.Q0 = torch.where(upd, state.Q0 * scale + e * v, state.Q0)
+    state.z0 = torch.where(upd, z_new, state.z0)
+    state.n += 1
     return out
 
 
 def _check_group_args(keys_in, values_in, a, c, g, omega):
     B, T, F = keys_in.shape
-    assert values_in.shape == (B, T, F), (tuple(values_in.shape), tuple(keys_in.shape))
+    assert T >= 1 and values_in.shape == (B, T, F), (tuple(values_in.shape), tuple(keys_in.shape))
     assert a.dim() == 2 and a.shape[1] == F and a.shape == c.shape == g.shape, (a.shape, c.shape, g.shape, F)
     assert omega >= 0, f"omega must be >= 0, got {omega}"
 
@@ -356,25 +422,16 @@ def fast_head_group(keys_in, values_in, a, c, g, omega, *, causal, key_padding_m
     """Same as heads.dense_head_group in O(T) per head: keys_in, values_in (B, T, F); a, c, g (M, F) -> (B, T, F)."""
     omega = float(omega)
     _check_group_args(keys_in, values_in, a, c, g, omega)
-    B, T, F = keys_in.shape
     k, v, a, c, g = _group_inputs(keys_in, values_in, a, c, g)
-    keep = _keep(key_padding_mask, B, T, k.device)
-    if causal:
-        out = _causal_group(k, v, keep, a, c, g, omega, null_slot, None)
-    else:
-        omega_t, floor_t = _scalar(omega, k), _scalar(0.0 if null_slot else -_INF, k)
-        out = None
-        for m in range(a.shape[0]):
-            y = _bidirectional_output_k(k, v, keep, a[m], c[m], g[m], omega_t, floor_t)
-            out = y if out is None else out.add_(y)
-    return out.to(keys_in.dtype)
+    return _group(k, v, key_padding_mask, a, c, g, omega, null_slot, causal).to(keys_in.dtype)
 
 
 class HeadGroupCache:
     """Incremental causal decoding of one head group, O(M B F) float64 state whatever the length.
 
     step(keys, values) takes the next T >= 1 tokens (B, T, F) and returns (B, T, F): what the
-    full causal evaluation of the whole sequence gives at those positions.
+    full causal evaluation of the whole sequence gives at those positions. A prompt can go in
+    as one chunk; single tokens take a ~20-op float64 path.
     """
 
     def __init__(self, a, c, g, omega, *, null_slot=True):
@@ -390,44 +447,100 @@ class HeadGroupCache:
         if self.state is None:
             self.state = _GroupState(a.shape[0], B, F, k.device)
         assert self.state.z0.shape[1] == B, "batch size changed under a cache"
-        keep = _keep(key_padding_mask, B, T, k.device)
-        return _causal_group(k, v, keep, a, c, g, self.omega, self.null_slot, self.state).to(keys_t.dtype)
+        if T == 1:
+            real = _keep(key_padding_mask, B, T, k.device)[0].view(B)
+            floor = 0.0 if self.null_slot else -_INF
+            out = _group_token(*(t.double() for t in (k, v)), real, *(t.double() for t in (a, c, g)),
+                               self.omega, floor, self.state)
+        else:
+            out = _group(k, v, key_padding_mask, a, c, g, self.omega, self.null_slot, True, self.state)
+        return out.to(keys_t.dtype)
 
 
 # --- product pairs ------------------------------------------------------------------------
 
+def _pair_parts(s, u, eps):
+    z = eps * s  # (B, T, F)
+    return u * (2.0 / eps), torch.cosh(z), torch.sinh(z)  # V, cosh z, sinh z
+
+
+def _pair_combine(V, ch, sh, sums, n):
+    """Sum of the +eps and -eps heads (B, T, F) from V = (2/eps) u, cosh z, sinh z and the other
+    visible keys' sums (B, T, 4, F) of cosh, sinh, V cosh, V sinh; n = e^-omega.
+    e^{+-z} = cosh z +- sinh z: exact to the identity's own e^{2|z|} ulps."""
+    C, S, A, B = sums.unbind(dim=2)  # (B, T, F) each
+    den = torch.add(C, S).mul_(n).add_(ch).add_(sh).add_(1.0)  # e^z + 1 + n (C + S)
+    den.mul_(torch.sub(C, S).mul_(n).add_(ch).sub_(sh).add_(1.0))  # times e^-z + 1 + n (C - S)
+    self_part = torch.mul(sh, C).addcmul_(ch, S, value=-1.0).mul_(n).add_(sh)  # sinh z + n (sinh z C - cosh z S)
+    cross = B.mul(C).addcmul_(A, S, value=-1.0).mul_(n).add_(B).addcmul_(ch, B).addcmul_(sh, A, value=-1.0)
+    return self_part.mul_(V).add_(cross, alpha=n).mul_(2.0).div_(den)
+
+
+def _pair_terms(s, u, keep, masked, eps, out):
+    """out[:, :T] = cosh z, sinh z, V cosh z, V sinh z per key (B, T, 4, F), 0 for padded keys; returns V."""
+    T = s.shape[1]
+    z, V = eps * s, u * (2.0 / eps)
+    ch, sh = torch.cosh(z, out=out[:, :T, 0]), torch.sinh(z, out=out[:, :T, 1])
+    torch.mul(V, ch, out=out[:, :T, 2])
+    torch.mul(V, sh, out=out[:, :T, 3])
+    if masked:
+        out[:, :T].masked_fill_(~keep.unsqueeze(2), 0.0)
+    return V
+
+
 def _check_pair_args(s, u, eps, omega):
     B, T, F = s.shape
-    assert u.shape == (B, T, F) and eps.shape == (F,), (tuple(s.shape), tuple(u.shape), tuple(eps.shape))
+    assert T >= 1 and u.shape == (B, T, F) and eps.shape == (F,), (tuple(s.shape), tuple(u.shape), tuple(eps.shape))
     assert omega >= 0, f"omega must be >= 0, got {omega}"
     assert bool((eps != 0).all()), "product pairs need eps != 0"
 
 
-def _pairs_in(dtype, s, u, eps, keep, causal, omega, past64):
-    """(out (B, T, F), this chunk's causal totals (B, 1, 4, F) or None, max |eps s|) computed in dtype."""
-    B, T, F = s.shape
-    s, u, eps = (t.to(dtype).contiguous() for t in (s, u, eps))
-    n = _scalar(math.exp(-omega), s)
-    if not causal:
-        out, zmax = _pair_bidirectional_output_k(s, u, keep, eps, n)
-        return out, None, float(zmax)
-    terms, zmax = _pair_terms_k(s, u, keep, eps)
-    P, carry, total = chunk_prefix_sums(terms.view(B, -1, 4 * F))
-    out = _pair_causal_output_k(s, u, eps, P.view(B, -1, 4, F), carry.view(B, -1, 4, F), past64.to(dtype), n)
-    return out, total.view(B, 1, 4, F), float(zmax)
-
-
-def _pairs(s, u, eps, omega, keep, causal, past64, zmax_past=0.0):
-    """(out, causal totals, max |z| of all keys so far): fp32 while max |eps s| <= 0.5, else fp64."""
-    eps = eps.to(s.device)
-    out, total, zmax = _pairs_in(_work_dtype(s.dtype), s, u, eps, keep, causal, omega, past64)
-    zmax = max(zmax, zmax_past)
-    if zmax > _PAIR_Z_FP32 and out.dtype != torch.float64:
-        out, total, _ = _pairs_in(torch.float64, s, u, eps, keep, causal, omega, past64)
+def _pair_range(s, eps, keep, masked, zmax_past):
+    """max |eps s| over the real keys and the past; warns once past the accurate range."""
+    smax, smin = _column_range(s, keep, masked)  # (B, 1, F)
+    zmax = max(float((eps.abs() * torch.maximum(smax, -smin)).max()), zmax_past)
     assert zmax <= _PAIR_Z_MAX, f"product pair keys reach |eps s| = {zmax:.3g}: eps or s far out of range"
-    if zmax > _PAIR_Z_FP64:
+    if zmax > _PAIR_Z_FP64 >= zmax_past:
         warnings.warn(f"fastpath: product pair keys reach |eps s| = {zmax:.3g}; accuracy degrades as e^(2|eps s|)")
+    return zmax
+
+
+def _pairs(s, u, eps, omega, key_padding_mask, causal, past64, zmax_past=0.0):
+    """(out (B, T, F), causal totals (B, 1, 4, F) or None, max |eps s| of all real keys so far).
+
+    Computed in the working dtype while max |eps s| <= 0.5, else in float64; block by block of columns.
+    """
+    B, T, F = s.shape
+    keep, masked = _keep(key_padding_mask, B, T, s.device)
+    eps = eps.to(s.device)
+    zmax = _pair_range(s, eps.to(s.dtype), keep, masked, zmax_past)
+    dtype = _work_dtype(s.dtype) if zmax <= _PAIR_Z_FP32 else torch.float64
+    s, u, eps = (t.to(dtype).contiguous() for t in (s, u, eps))
+    n = math.exp(-omega)
+    out = torch.empty_like(s)
+    total = torch.empty(B, 1, 4, F, dtype=dtype, device=s.device) if causal else None
+    for cols, work in _blocks(B, T, F, s, rows=4):
+        w = cols.stop - cols.start
+        V = _pair_terms(s[:, :, cols], u[:, :, cols], keep, masked, eps[cols], work.terms)  # terms: (B, Tp, 4, w)
+        terms = work.terms[:, :T]
+        if causal:
+            carry, block_total = chunk_prefix_sums(work.terms.view(B, -1, 4 * w), work.P.view(B, -1, 4 * w))
+            total[:, :, :, cols] = block_total.view(B, 1, 4, w)
+            sums = _add_carry(work.P, carry + past64[:, :, :, cols].reshape(B, 1, 4 * w).to(dtype))[:, :T]
+        else:
+            sums = torch.sub(terms.sum(dim=1, keepdim=True), terms, out=work.P[:, :T])  # totals minus self
+        out[:, :, cols] = _pair_combine(V, terms[:, :, 0], terms[:, :, 1], sums, n)  # padded queries: cosh = 0
     return out, total, zmax
+
+
+def _pair_token(s, u, real, eps, omega, sums, zmax_past):
+    """One new token (B, 1, F) from the running sums (B, 1, 4, F), float64; real: (B, 1, 1)."""
+    s, u, eps = s.double(), u.double(), eps.to(device=s.device, dtype=torch.float64)
+    zmax = _pair_range(s, eps, real, True, zmax_past)
+    V, ch, sh = _pair_parts(s, u, eps)
+    out = _pair_combine(V, ch, sh, sums, math.exp(-omega))  # (B, 1, F)
+    own = torch.stack((ch, sh, V * ch, V * sh), dim=2)  # (B, 1, 4, F)
+    return out, torch.where(real.unsqueeze(3), own, 0.0), zmax
 
 
 @torch.no_grad()
@@ -435,9 +548,9 @@ def fast_product_pairs(s, u, eps, omega, *, causal, key_padding_mask=None):
     """Same as heads.dense_product_pairs in O(T): s, u (B, T, F); eps (F,) -> (B, T, F)."""
     omega = float(omega)
     _check_pair_args(s, u, eps, omega)
-    B, T, F = s.shape
+    B, _, F = s.shape
     past64 = torch.zeros(B, 1, 4, F, dtype=torch.float64, device=s.device)
-    out, _, _ = _pairs(s, u, eps, omega, _keep(key_padding_mask, B, T, s.device), causal, past64)
+    out, _, _ = _pairs(s, u, eps, omega, key_padding_mask, causal, past64)
     return out.to(s.dtype)
 
 
@@ -458,7 +571,10 @@ class ProductPairsCache:
         if self.sums is None:
             self.sums = torch.zeros(B, 1, 4, F, dtype=torch.float64, device=s_t.device)
         assert self.sums.shape == (B, 1, 4, F), "batch size changed under a cache"
-        keep = _keep(key_padding_mask, B, T, s_t.device)
-        out, total, self.zmax = _pairs(s_t, u_t, self.eps, self.omega, keep, True, self.sums, self.zmax)
+        if T == 1:  # decoding: float64 from the running sums
+            real = _keep(key_padding_mask, B, T, s_t.device)[0]  # (B, 1, 1)
+            out, total, self.zmax = _pair_token(s_t, u_t, real, self.eps, self.omega, self.sums, self.zmax)
+        else:
+            out, total, self.zmax = _pairs(s_t, u_t, self.eps, self.omega, key_padding_mask, True, self.sums, self.zmax)
         self.sums = self.sums + total.double()
         return out.to(s_t.dtype)

@@ -61,7 +61,7 @@ class StreamingSafetensorsWriter:
         assert self.pending and self.pending[0] == name, f"expected {self.pending[:1]}, got {name}"
         dtype, shape = self.layout[name]
         assert tensor.dtype == dtype and tuple(tensor.shape) == tuple(shape), (name, tensor.dtype, tensor.shape)
-        self.file.write(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+        self.file.write(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().data)
         self.pending.pop(0)
 
     def close(self):

@@ -4,7 +4,6 @@ The fast path runs in float32, the reference in float64 on the same (float32-rep
 inputs; errors are max |fast - ref| over real query positions relative to max |ref| there.
 """
 import math
-import warnings
 
 import pytest
 import torch
@@ -53,6 +52,18 @@ def group_case(kind, B, T, F, gen):
         zero = torch.zeros(1, F)
         return s, s, zero, zero, -torch.ones(1, F), 20.0, False
     raise AssertionError(kind)
+
+
+CHUNKS = [5, 1, 1, 3, 1, 20, 1, 1]  # cache steps: a prompt, single tokens, short chunks: 33 tokens
+
+
+def chunked(step, *tensors):
+    """Feed (B, 33, ...) tensors to a cache's step() in CHUNKS and concatenate what it returns."""
+    out, start = [], 0
+    for n in CHUNKS:
+        out.append(step(*(t[:, start:start + n] for t in tensors)))
+        start += n
+    return torch.cat(out, dim=1)
 
 
 def both(keys, values, a, c, g, omega, *, causal, mask, null_slot):
@@ -120,9 +131,9 @@ def test_relu_huge_gain(causal, omega):
 
 
 def test_unsafe_causal_columns_are_recomputed_exactly(monkeypatch):
-    """Leaky keys (z - omega ~ 10..20) before one huge key (z = 200): the per-column stabiliser
-    flushes the early keys to 0 for the queries that precede the big key; those columns must be
-    detected and recomputed exactly."""
+    """Leaky keys (z - omega ~ 10..20) before one huge key (z = 200): with the per-column
+    stabiliser Z = 200 the early keys' terms e^{z - Z} ~ e^-135 sit at the e^-60 clamp, which
+    the queries before the big key would see; those columns must be detected and recomputed."""
     gen = torch.Generator().manual_seed(9)
     B, T, F = 1, 64, 6
     keys = 60 + 10 * torch.rand(B, T, F, generator=gen)
@@ -136,6 +147,46 @@ def test_unsafe_causal_columns_are_recomputed_exactly(monkeypatch):
     unrepaired = fastpath.fast_head_group(*args, causal=True)
     assert rel_err(unrepaired[..., :3], ref[..., :3]) > 1e-2
     assert rel_err(unrepaired[..., 3:], ref[..., 3:]) <= TOL
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_broken_omega_takes_the_general_form(causal):
+    """Leakage beyond e^80 times the self weight (keys 200 above omega): the sigmoid form would
+    overflow, the stabilised general form (and, causally, the exact fallback) takes over."""
+    gen = torch.Generator().manual_seed(14)
+    B, T, F = 2, 40, 6
+    keys = 30 * torch.randn(B, T, F, generator=gen)
+    keys[:, 25, :] = 250.0
+    values = torch.randn(B, T, F, generator=gen)
+    one = torch.ones(1, F)
+    mask = padding(B, T, causal, gen)
+    for null_slot in (True, False):
+        fast, ref = both(keys, values, one, 0 * one, one, 50.0, causal=causal, mask=mask, null_slot=null_slot)
+        assert rel_err(fast, ref, mask) <= TOL
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_column_blocks(monkeypatch, causal):
+    """Units are processed in blocks of columns (16 here: 16, 16, 8): every block, the narrower
+    last one included, and the cache's state slices must line up."""
+    monkeypatch.setattr(fastpath, "BLOCK_ELEMENTS", 1)
+    gen = torch.Generator().manual_seed(15)
+    B, T, F = 2, 33, 40
+    keys, values, a, c, g, _, _ = group_case("gelu_mixture", B, T, F, gen)
+    mask = padding(B, T, causal, gen)
+    fast, ref = both(keys, values, a, c, g, 2.0, causal=causal, mask=mask, null_slot=True)
+    assert rel_err(fast, ref, mask) <= TOL
+    eps = torch.full((F,), 1e-4)
+    pairs = fastpath.fast_product_pairs(keys, values, eps, 2.0, causal=causal, key_padding_mask=mask)
+    ref = dense_product_pairs(keys.double(), values.double(), eps.double(), 2.0, causal=causal, key_padding_mask=mask)
+    assert rel_err(pairs, ref, mask) <= TOL
+    if causal:
+        cache = fastpath.HeadGroupCache(a, c, g, 2.0)
+        _, ref = both(keys, values, a, c, g, 2.0, causal=True, mask=None, null_slot=True)
+        assert rel_err(chunked(cache.step, keys, values), ref) <= TOL
+        pair_cache = fastpath.ProductPairsCache(eps, 2.0)
+        ref = dense_product_pairs(keys.double(), values.double(), eps.double(), 2.0, causal=True)
+        assert rel_err(chunked(pair_cache.step, keys, values), ref) <= TOL
 
 
 @pytest.mark.parametrize("eps", [1e-4, 1e-6])
@@ -173,7 +224,7 @@ def test_product_pairs_beat_separate_heads():
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_product_pairs_with_large_keys_use_float64(causal):
+def test_product_pairs_with_large_keys_use_float64(monkeypatch, causal):
     """|eps s| > 0.5: the identity's sums (C - S = sum e^{-z_j}) cancel in fp32; fp64 is used instead."""
     gen = torch.Generator().manual_seed(4)
     B, T, F = 2, 32, 4
@@ -183,12 +234,8 @@ def test_product_pairs_with_large_keys_use_float64(causal):
     fast = fastpath.fast_product_pairs(s, u, eps, 2.0, causal=causal, key_padding_mask=mask)
     ref = dense_product_pairs(s.double(), u.double(), eps.double(), 2.0, causal=causal, key_padding_mask=mask)
     assert rel_err(fast, ref, mask) <= TOL
-    monkeypatch_limit = fastpath._PAIR_Z_FP32
-    try:  # the same inputs forced through fp32 show why
-        fastpath._PAIR_Z_FP32 = math.inf
-        forced = fastpath.fast_product_pairs(s, u, eps, 2.0, causal=causal, key_padding_mask=mask)
-    finally:
-        fastpath._PAIR_Z_FP32 = monkeypatch_limit
+    monkeypatch.setattr(fastpath, "_PAIR_Z_FP32", math.inf)  # the same inputs forced through fp32 show why
+    forced = fastpath.fast_product_pairs(s, u, eps, 2.0, causal=causal, key_padding_mask=mask)
     assert rel_err(forced, ref, mask) > TOL
 
 
@@ -206,17 +253,6 @@ def test_float64_inputs_stay_float64(causal):
     keys, values = keys.double(), values.double()
     fast, ref = both(keys, values, a, c, g, 3.0, causal=causal, mask=None, null_slot=True)
     assert fast.dtype == torch.float64 and rel_err(fast, ref) <= 1e-12
-
-
-CHUNKS = [5, 1, 1, 3, 1, 20, 1, 1]  # a prompt, single tokens, short chunks: 33 tokens
-
-
-def chunked(step, *tensors):
-    out, start = [], 0
-    for n in CHUNKS:
-        out.append(step(*(t[:, start:start + n] for t in tensors)))
-        start += n
-    return torch.cat(out, dim=1)
 
 
 @pytest.mark.parametrize("null_slot", [True, False], ids=["null", "nonull"])
@@ -239,6 +275,7 @@ def test_head_group_cache_with_left_padding():
     keys, values, a, c, g, _, _ = group_case("gelu_mixture", B, T, F, gen)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, :4] = False  # inside the first chunk
+    mask[0, 6] = False  # a padded single-token step
     cache = fastpath.HeadGroupCache(a, c, g, 2.0)
     stepped = chunked(cache.step, keys, values, mask)
     _, ref = both(keys, values, a, c, g, 2.0, causal=True, mask=mask, null_slot=True)
@@ -267,6 +304,7 @@ def test_product_pairs_cache_matches_full(omega):
     eps = torch.full((F,), 1e-4)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, :3] = False
+    mask[0, 6] = False  # a padded single-token step
     cache = fastpath.ProductPairsCache(eps, omega)
     stepped = chunked(cache.step, s, u, mask)
     ref = dense_product_pairs(s.double(), u.double(), eps.double(), omega, causal=True, key_padding_mask=mask)
@@ -300,36 +338,3 @@ def test_dense_reference_is_the_attention_described():
     t = lambda x: torch.tensor([[x]], dtype=torch.float64)
     out = dense_head_group(k, v, t(a), t(c), t(g), omega, causal=True)
     assert torch.allclose(out.flatten(), torch.stack([expected0, expected1]), rtol=1e-14, atol=0)
-
-
-def test_compiled_kernels_match(monkeypatch):
-    """torch.compile'd kernels (forced on small inputs) give the eager results; a compiler failure
-    falls back to eager, so either way the numbers must agree with the reference."""
-    monkeypatch.setattr(fastpath, "COMPILE_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(fastpath, "_COMPILE", True)
-    gen = torch.Generator().manual_seed(13)
-    B, T, F = 2, 64, 16
-    keys, values, a, c, g, _, _ = group_case("gelu_mixture", B, T, F, gen)
-    for causal in (True, False):
-        mask = padding(B, T, causal, gen)
-        fast, ref = both(keys, values, a, c, g, 2.0, causal=causal, mask=mask, null_slot=True)
-        assert rel_err(fast, ref, mask) <= TOL
-        eps = torch.full((F,), 1e-4)
-        pairs = fastpath.fast_product_pairs(keys, values, eps, 2.0, causal=causal, key_padding_mask=mask)
-        ref = dense_product_pairs(keys.double(), values.double(), eps.double(), 2.0, causal=causal, key_padding_mask=mask)
-        assert rel_err(pairs, ref, mask) <= TOL
-
-
-def test_compile_failure_falls_back_to_eager(monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
-
-    monkeypatch.setattr(fastpath, "COMPILE_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(fastpath, "_COMPILE", True)
-    monkeypatch.setattr(torch, "compile", broken)
-    kernel = fastpath._Kernel(lambda x: 2 * x)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert torch.equal(kernel(torch.ones(3)), torch.full((3,), 2.0))
-    assert kernel.failed and any("running eager" in str(w.message) for w in caught)
-    assert torch.equal(kernel(torch.ones(3)), torch.full((3,), 2.0))
