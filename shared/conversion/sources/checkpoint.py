@@ -35,7 +35,6 @@ class SourceCheckpoint:
         self.weight_files = self._find_weight_files(allow_pickle)
         self._location = {}  # hf tensor name -> weight file
         self._pickled = None
-        self._open_files = {}  # weight file -> safe_open handle, kept for the reader's lifetime
         for path in self.weight_files:
             for name in self._names_in(path):
                 self._location[name] = path
@@ -116,10 +115,10 @@ class SourceCheckpoint:
         if path.suffix == ".bin":
             return self._load_pickle(path)[name]
         try:
-            handle = self._open_files.get(path)
-            if handle is None:
-                handle = self._open_files[path] = safe_open(str(path), framework="pt")
-            return handle.get_tensor(name)
+            # open per tensor: a handle kept open keeps every page it touched mapped,
+            # which would count the whole source against the conversion's memory
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(name)
         except Exception as exc:
             raise CorruptWeightsError(f"tensor {name!r} in {path.name} cannot be read: {exc}") from None
 
