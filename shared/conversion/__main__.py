@@ -109,8 +109,8 @@ def main(argv=None) -> int:
             print(summary_table(report))
             return 0 if report.passed else 1
         model = load_converted(args.out, device="cpu")
-        if not model.is_decoder:
-            print("error [not_a_decoder]: generate needs a decoder; this checkpoint is an encoder", file=sys.stderr)
+        if not model.is_decoder or model.arch["lm_head"] == "none":
+            print("error [not_a_decoder]: generate needs a decoder with an output head", file=sys.stderr)
             return 2
         if not args.prompt_ids:
             print("error [invalid_options]: --prompt-ids needs at least one id", file=sys.stderr)

@@ -111,7 +111,7 @@ def propagated_errors(converted, reference, arch, tokens) -> dict:
             x = converted.final_norm(x)  # transformers applies the final norm to its last hidden state
         residual.append({"layer": i - 1, "residual_rel": relative(x, hidden[i])})
     result = {"residual": residual}
-    if converted.is_decoder:
+    if converted.arch["lm_head"] != "none":
         result["logits"] = logit_metrics(converted.head(ours[-1]), out.logits)
     else:
         result["hidden"] = {"max_abs": (converted.head(ours[-1]).double() - out.last_hidden_state.double()).abs().max().item(),

@@ -173,7 +173,7 @@ def _run_checks(report, source_dir, out, arch, options, dtype, progress, cancel_
     if "propagated" in options.checks:
         cancel_point()
         report.propagated = checks.propagated_errors(converted, reference, arch, tokens)
-    if "greedy" in options.checks and arch["kind"] == "decoder" and options.greedy_tokens:
+    if "greedy" in options.checks and arch["lm_head"] != "none" and options.greedy_tokens:
         cancel_point()
         prompt_len = min(8, arch["max_positions"] - options.greedy_tokens)
         if prompt_len >= 1:

@@ -315,7 +315,7 @@ class ConvertedModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, start=0, caches=None):
-        """Logits (B, T, V) for decoders, last hidden states (B, T, D) for encoders."""
+        """Logits (B, T, V) for models with an output head, else last hidden states (B, T, D)."""
         for x in self.residual_stream(input_ids, attention_mask, token_type_ids, start, caches):
             pass
         return self.head(x)
@@ -323,7 +323,7 @@ class ConvertedModel(nn.Module):
     def head(self, x):
         if self.final_norm is not None:
             x = self.final_norm(x)
-        if not self.is_decoder:
+        if self.arch["lm_head"] == "none":
             return x
         weight = self.lm_head.weight if self.lm_head is not None else self.embed.tokens.weight
         return F.linear(x, weight)
@@ -332,7 +332,7 @@ class ConvertedModel(nn.Module):
     def generate(self, input_ids, max_new_tokens: int):
         """Greedy decoding with caches: a growing key/value cache for the source attention,
         O(F) running sums per neuron head group."""
-        assert self.is_decoder, "generate() needs a decoder"
+        assert self.is_decoder and self.arch["lm_head"] != "none", "generate() needs a decoder with an output head"
         limit = self.arch["max_positions"]
         if input_ids.shape[1] + max_new_tokens > limit:
             raise ValueError(f"prompt + new tokens exceed the model's {limit} positions")

@@ -8,6 +8,7 @@ FAMILIES = {
     "gpt2-gelu_new": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64, activation_function="gelu_new")),
     "gpt2-relu": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64, activation_function="relu")),
     "gpt2-gelu": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64, activation_function="gelu")),
+    "gpt2-headless": ("GPT2Config", "GPT2Model", dict(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64)),
     "gpt2-silu": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64, activation_function="silu")),
     "llama-gqa": ("LlamaConfig", "LlamaForCausalLM", dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=97, max_position_embeddings=128)),
     "llama-tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=1, vocab_size=97, max_position_embeddings=128, tie_word_embeddings=True)),

@@ -15,9 +15,10 @@ def describe(config: dict) -> dict:
     if D % n_heads:
         raise UnsupportedArchitectureError(f"n_embd={D} is not divisible by n_head={n_heads}")
     head_dim = D // n_heads
+    architecture = (config.get("architectures") or ["GPT2LMHeadModel"])[0]
     return {
         "family": FAMILY,
-        "source_architecture": (config.get("architectures") or ["GPT2LMHeadModel"])[0],
+        "source_architecture": architecture,
         "kind": "decoder",
         "placement": "pre",
         "d_model": D,
@@ -39,7 +40,7 @@ def describe(config: dict) -> dict:
             "width": config.get("n_inner") or 4 * D,
         },
         "final_norm": True,
-        "lm_head": "tied" if config.get("architectures", ["GPT2LMHeadModel"])[0] == "GPT2LMHeadModel" else "none",
+        "lm_head": "tied" if architecture == "GPT2LMHeadModel" else "none",
     }
 
 
