@@ -4,9 +4,11 @@ A neuron head with key a*u + c, value u and output scale g computes exactly one 
 (DESIGN.md §2). SiLU and quick_gelu are exact with one head; GELU (erf and tanh forms)
 is fitted on the calibrated input range; ReLU uses one head with a large gain.
 """
+import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy
 import torch
@@ -56,7 +58,7 @@ def mixture_for(name: str, input_range: float, tolerance: float, max_heads: int 
     fit_range = _range_bucket(input_range)
     budget = tolerance * fit_range
     best = None
-    for heads in (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16):
+    for heads in FIT_HEADS:
         if heads > max_heads:
             break
         mixture = fitted_gelu(name, heads, fit_range)
@@ -79,8 +81,31 @@ def _range_bucket(x: float) -> float:
     return float(2 ** max(0, math.ceil(math.log2(max(x, 1.0)))))
 
 
+FIT_TABLE = Path(__file__).with_name("gelu_fits.json")  # made by tools/make_gelu_fit_table.py
+FIT_HEADS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16)
+
+
+def fit_key(name: str, heads: int, fit_range: float) -> str:
+    return f"{name}/{heads}/{fit_range:g}"
+
+
+@lru_cache(maxsize=1)
+def _fit_table() -> dict:
+    return json.loads(FIT_TABLE.read_text()) if FIT_TABLE.is_file() else {}
+
+
 @lru_cache(maxsize=None)
 def fitted_gelu(name: str, heads: int, fit_range: float) -> Mixture:
+    """The fit of `fit_gelu`, from the shipped table when it holds it (fitting costs ~0.3 s
+    per entry, seconds per conversion), else computed."""
+    entry = _fit_table().get(fit_key(name, heads, fit_range))
+    if entry is None:
+        return fit_gelu(name, heads, fit_range)
+    a, c, g, error = entry
+    return Mixture(tuple(a), tuple(c), tuple(g), error, fit_range)
+
+
+def fit_gelu(name: str, heads: int, fit_range: float) -> Mixture:
     """Fit sum_m g_m x sigmoid(a (x - mu_m)) to GELU on [-R, R] in float64.
 
     GELU's gate Φ is a smooth CDF; a CDF is well approximated by logistic CDFs placed at
