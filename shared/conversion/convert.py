@@ -64,14 +64,9 @@ def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, progr
     progress("loading", 1, 1)
 
     batches = calibration_batches(options, arch["vocab_size"], arch["max_positions"])
-
-    def calibration_progress(stage, done, total):
-        cancel_point()
-        progress(stage, done, total)
-
     t = time.perf_counter()
     stats = calibrate(source, batches, torch.float64 if options.dtype == "float64" else torch.float32,
-                      calibration_progress)
+                      _cancellable(progress, cancel_point))
     timings["calibrate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -130,6 +125,14 @@ def check(out_dir, source_dir, options: ConversionOptions | None = None, progres
     return report
 
 
+def _cancellable(progress, cancel_point):
+    """A progress callback that is also a cancellation point, for per-layer loops."""
+    def report(stage, done, total):
+        cancel_point()
+        progress(stage, done, total)
+    return report
+
+
 def _write_weights(path, source, head_tensors, dtype, progress, cancel_point):
     """Stream every tensor: source weights (cast to dtype) layer by layer, then head parameters."""
     arch = source.arch
@@ -142,8 +145,7 @@ def _write_weights(path, source, head_tensors, dtype, progress, cancel_point):
         for suffix, tensor in tensors.items():
             layout[f"layers.{i}.{suffix}"] = (dtype, tuple(tensor.shape))
             plan.append((f"layers.{i}.{suffix}", None, tensor))
-    writer = StreamingSafetensorsWriter(path, layout, metadata={"format": FORMAT_NAME})
-    try:
+    with StreamingSafetensorsWriter(path, layout, metadata={"format": FORMAT_NAME}) as writer:
         done_layers = -1
         for runtime, canonical, tensor in plan:
             if canonical is not None:
@@ -154,9 +156,6 @@ def _write_weights(path, source, head_tensors, dtype, progress, cancel_point):
                     done_layers = layer
                     progress("converting", layer + 1, arch["n_layers"])
             writer.write(runtime, tensor)
-    finally:
-        writer.file.close()
-    writer.close()
 
 
 def _run_checks(report, source_dir, out, arch, options, dtype, progress, cancel_point):
@@ -166,10 +165,7 @@ def _run_checks(report, source_dir, out, arch, options, dtype, progress, cancel_
     seq_len = min(options.seq_len, arch["max_positions"])
     tokens = torch.randint(0, arch["vocab_size"], (2, seq_len), generator=generator)
     if "local" in options.checks:
-        def local_progress(stage, done, total):
-            cancel_point()
-            progress(stage, done, total)
-        report.local = checks.local_errors(converted, reference, arch, tokens, local_progress)
+        report.local = checks.local_errors(converted, reference, arch, tokens, _cancellable(progress, cancel_point))
     if "propagated" in options.checks:
         cancel_point()
         report.propagated = checks.propagated_errors(converted, reference, arch, tokens)

@@ -64,9 +64,14 @@ class StreamingSafetensorsWriter:
         self.file.write(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().data)
         self.pending.pop(0)
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        """Close the file; a writer that left no error behind must have written every tensor."""
         self.file.close()
-        assert not self.pending, f"tensors never written: {self.pending[:5]}"
+        if exc_type is None:
+            assert not self.pending, f"tensors never written: {self.pending[:5]}"
 
 
 def read_config(directory) -> dict:
