@@ -169,6 +169,19 @@ def load_source(src: Path):
     return model.eval()
 
 
+def load_pair(name: str, root: Path):
+    """The source (transformers) and converted (fast path) models of a benchmark model,
+    built and converted on first use, announced with their heads per unit."""
+    from shared.conversion import load_converted
+
+    src_dir, out_dir = prepare(name, root)
+    source = load_source(src_dir)
+    converted = load_converted(out_dir, device="cpu", head_impl="fast")
+    print(f"\n[{name}] {MODELS[name][3]}")
+    print(f"  heads per unit (config.json layers[i].sublayers[1:]): {heads_per_unit(out_dir)}")
+    return source, converted
+
+
 def heads_per_unit(out: Path) -> str:
     """What config.json says about the head groups of every layer, compactly."""
     config = json.loads((out / "config.json").read_text())

@@ -70,14 +70,10 @@ def profile_split(converted, x, top=8):
 
 def bench_model(name, root, sizes, repeats_for, dense_limit, profile_at):
     import torch
-    from shared.conversion import fastpath, load_converted
+    from shared.conversion import fastpath
 
-    src_dir, out_dir = common.prepare(name, root)
-    source = common.load_source(src_dir)
-    converted = load_converted(out_dir, device="cpu", head_impl="fast")
+    source, converted = common.load_pair(name, root)
     vocab = source.config.vocab_size
-    print(f"\n[{name}] {common.MODELS[name][3]}")
-    print(f"  heads per unit (config.json layers[i].sublayers[1:]): {common.heads_per_unit(out_dir)}")
     print(f"  source attention implementation: {source.config._attn_implementation}", flush=True)
 
     timing_rows, check_rows, summary, notes = [], [], [], []

@@ -31,14 +31,10 @@ def extra_args(parser):
 
 def bench_model(name, root, new_tokens, repeats):
     import torch
-    from shared.conversion import fastpath, load_converted
+    from shared.conversion import fastpath
 
-    src_dir, out_dir = common.prepare(name, root)
-    source = common.load_source(src_dir)
-    converted = load_converted(out_dir, device="cpu", head_impl="fast")
+    source, converted = common.load_pair(name, root)
     vocab = source.config.vocab_size
-    print(f"\n[{name}] {common.MODELS[name][3]}")
-    print(f"  heads per unit: {common.heads_per_unit(out_dir)}")
     prompt = torch.randint(0, vocab, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
 
     def run_source(n):
