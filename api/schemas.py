@@ -35,7 +35,8 @@ class JobCreate(BaseModel):
     source_url: str = Field(
         min_length=1, max_length=2048,
         description="A Hugging Face model directory given as a base URL (its files are fetched by "
-        "name), a .tar / .tar.gz archive of one, or an s3://bucket/prefix on the service's S3.",
+        "name), a .tar / .tar.gz archive of one, or an s3://bucket/prefix on the service's S3 "
+        "inside the S3 source scopes an operator granted the key's owner (else 403 source_forbidden).",
     )
     options: JobOptions = Field(default_factory=JobOptions)
     idempotency_key: Optional[str] = Field(
@@ -49,6 +50,14 @@ class JobCreate(BaseModel):
         parts = urlsplit(value)
         if parts.scheme.lower() not in SOURCE_SCHEMES or not parts.netloc:
             raise ValueError("source_url must be an http://, https:// or s3:// URL")
+        if parts.scheme.lower() == "s3":
+            # Parsed as the worker will parse it: the scope check needs its bucket and key.
+            from shared.fetch import FetchError, parse_url
+
+            try:
+                parse_url(value)
+            except FetchError as exc:
+                raise ValueError(exc.message) from None
         return value
 
 

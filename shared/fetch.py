@@ -13,6 +13,9 @@ directory or of a .tar/.tar.gz/.tgz archive, and s3:// URLs of either. The defen
 * Redirects are followed by hand, each target checked like the first URL.
 * Timeouts on connect and read; a byte budget enforced while streaming.
 * Archives are unpacked and headers validated by `shared.safefiles`.
+* s3:// sources are read only inside the owner's scopes (`shared.source_scopes`, carried
+  by `FetchLimits.s3_source_rules`; none allows no s3:// source), never from the
+  artifacts bucket; checked before any S3 client exists.
 * On any failure `dest_dir` is left empty.
 
 Error codes (FetchError.code) are part of the job API; never rename one.
@@ -46,6 +49,7 @@ from shared.safefiles import (
     validate_model_dir,
     validate_safetensors_header,
 )
+from shared.source_scopes import SourceRules, check_s3_source
 
 __all__ = [
     "ERROR_CODES", "FetchError", "FetchLimits", "fetch_source",
@@ -57,7 +61,7 @@ ERROR_CODES = (
     "download_timeout", "source_not_found", "source_http_error", "source_unreachable",
     "download_too_large", "source_missing_file", "pickle_not_allowed",
     "archive_unsafe_member", "archive_too_large", "archive_invalid",
-    "safetensors_invalid", "config_invalid",
+    "safetensors_invalid", "config_invalid", "source_forbidden",
 )
 
 ALLOWED_SCHEMES = ("http", "https", "s3")
@@ -86,6 +90,8 @@ class FetchLimits:
     s3_secret_key: str | None = None
     s3_region: str = "us-east-1"
     max_tensors: int = 100_000
+    # Which s3:// sources this fetch may read (the job owner's scopes); None: none at all.
+    s3_source_rules: SourceRules | None = None
 
 
 # --- URL parsing ----------------------------------------------------------------------
@@ -608,6 +614,9 @@ class _S3Remote:
     """Objects under s3://bucket/prefix (or the object itself), through boto3."""
 
     def __init__(self, base: ParsedUrl, limits: FetchLimits):
+        # The owner's scopes, checked on the very bucket and key read below (the API checked
+        # them at submission too; this holds for jobs that reach the worker any other way).
+        check_s3_source(base.host, base.target, limits.s3_source_rules)
         import boto3
         from botocore.config import Config
 

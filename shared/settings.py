@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.source_scopes import SourceRules, SourceScope, parse_scopes
+
 if TYPE_CHECKING:  # shared.fetch is imported lazily: the API never downloads anything
     from shared.fetch import FetchLimits
 
@@ -94,6 +96,19 @@ class Settings(BaseSettings):
     storage_attempts: int = Field(5, ge=1, le=20)
     storage_retry_base_delay: float = Field(2.0, ge=0)
 
+    # --- S3 sources (s3:// source URLs; see shared/source_scopes.py) ----------------------
+    # Where each owner may read s3:// sources: comma-separated OWNER=BUCKET or
+    # OWNER=BUCKET/PREFIX entries, OWNER an api_keys name or * for every owner. A prefix
+    # matches whole path segments. Empty: no s3:// source is accepted at all. The
+    # artifacts bucket (s3_bucket) is never a source, whatever this says.
+    s3_source_scopes: Annotated[list[SourceScope], NoDecode] = Field(default_factory=list)
+    # Separate (ideally read-only) credentials and endpoint for reading sources. None: the
+    # artifact ones above (s3_endpoint_url, s3_access_key, s3_secret_key). The two keys
+    # are set together; a different endpoint needs keys of its own.
+    s3_source_endpoint_url: Optional[str] = None
+    s3_source_access_key: Optional[SecretStr] = None
+    s3_source_secret_key: Optional[SecretStr] = None
+
     # --- Access: API keys, rate limit, request size --------------------------------------
     # Accepted API keys, comma-separated NAME:SHA256 entries (the hex SHA-256 of each key;
     # make one with `python -m api.auth NAME`). Clients send "Authorization: Bearer <key>".
@@ -150,6 +165,11 @@ class Settings(BaseSettings):
             return [h.strip() for h in value.split(",") if h.strip()]
         return value
 
+    @field_validator("s3_source_scopes", mode="before")
+    @classmethod
+    def _parse_scopes(cls, value):
+        return parse_scopes(value)
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _parse_keys(cls, value):
@@ -180,14 +200,27 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _source_credentials(self):
+        if (self.s3_source_access_key is None) != (self.s3_source_secret_key is None):
+            raise ValueError("set s3_source_access_key and s3_source_secret_key together (or neither, "
+                             "to read sources with the artifact credentials)")
+        if (self.s3_source_endpoint_url is not None and self.s3_source_endpoint_url != self.s3_endpoint_url
+                and self.s3_source_access_key is None):
+            raise ValueError("s3_source_endpoint_url differs from s3_endpoint_url: set s3_source_access_key "
+                             "and s3_source_secret_key too (the artifact credentials are not sent elsewhere)")
+        return self
+
     @property
     def public_s3_endpoint(self) -> Optional[str]:
         return self.s3_public_endpoint_url or self.s3_endpoint_url
 
-    def fetch_limits(self) -> "FetchLimits":
+    def fetch_limits(self, owner: Optional[str] = None) -> "FetchLimits":
+        """The limits of one download; s3:// sources are checked against ``owner``'s
+        scopes (None: the anonymous owner, who gets the ``*`` scopes only)."""
         from shared.fetch import FetchLimits
 
-        access_key, secret_key = self.s3_credentials()
+        access_key, secret_key = self.s3_source_credentials()
         return FetchLimits(
             max_download_bytes=self.max_download_bytes,
             connect_timeout=self.fetch_connect_timeout,
@@ -197,15 +230,22 @@ class Settings(BaseSettings):
             max_archive_files=self.max_archive_files,
             max_unpacked_bytes=self.max_unpacked_bytes,
             allow_pickle=self.allow_pickle,
-            s3_endpoint_url=self.s3_endpoint_url,
+            s3_endpoint_url=self.s3_source_endpoint_url or self.s3_endpoint_url,
             s3_access_key=access_key,
             s3_secret_key=secret_key,
             s3_region=self.s3_region,
+            s3_source_rules=SourceRules.for_owner(self, owner),
         )
 
     def s3_credentials(self) -> tuple[Optional[str], Optional[str]]:
         """(access key, secret key) in clear, for the S3 clients; None where unset."""
         return tuple(s.get_secret_value() if s is not None else None for s in (self.s3_access_key, self.s3_secret_key))
+
+    def s3_source_credentials(self) -> tuple[Optional[str], Optional[str]]:
+        """The credentials sources are read with: the source ones where set, else the artifact ones."""
+        if self.s3_source_access_key is None:
+            return self.s3_credentials()
+        return self.s3_source_access_key.get_secret_value(), self.s3_source_secret_key.get_secret_value()
 
 
 @lru_cache

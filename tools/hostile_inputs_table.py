@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shared.fetch import FetchError, FetchLimits, fetch_source  # noqa: E402
+from shared.source_scopes import SourceRules, parse_scopes  # noqa: E402
 
 
 def _load(name: str):
@@ -310,11 +311,21 @@ def safetensors(table: Table, server):
 def s3_sources(table: Table, moto_endpoint: str):
     import boto3
 
+    # The job's owner ("alice") may read the "models" and "no-such-bucket" buckets and
+    # bob's-models/shared; "artifacts" is the service's own bucket (other owners' results).
+    rules = SourceRules(owner="alice", artifacts_bucket="artifacts", scopes=tuple(parse_scopes(
+        "alice=models, alice=no-such-bucket, *=artifacts, bob=bobs-models, alice=bobs-models/shared")))
     limits = FetchLimits(s3_endpoint_url=moto_endpoint, s3_access_key="test", s3_secret_key="test",
-                         connect_timeout=2, read_timeout=5)
+                         connect_timeout=2, read_timeout=5, s3_source_rules=rules)
     client = boto3.client("s3", endpoint_url=moto_endpoint, aws_access_key_id="test",
                           aws_secret_access_key="test", region_name="us-east-1")
     client.create_bucket(Bucket="models")
+    client.create_bucket(Bucket="artifacts")
+    client.create_bucket(Bucket="bobs-models")
+    for bucket, prefix in (("artifacts", "jobs/job-of-bob"), ("bobs-models", "private"),
+                           ("bobs-models", "shared-not")):
+        client.put_object(Bucket=bucket, Key=f"{prefix}/config.json", Body=A.CONFIG)
+        client.put_object(Bucket=bucket, Key=f"{prefix}/model.safetensors", Body=A.safetensors_bytes(16))
     with tempfile.TemporaryDirectory() as tmp:
         A.write_tar(Path(tmp) / "a.tar.gz", A.files(A.MODEL) + [A.UNSAFE["dotdot"]()])
         client.put_object(Bucket="models", Key="evil.tar.gz", Body=(Path(tmp) / "a.tar.gz").read_bytes())
@@ -325,6 +336,20 @@ def s3_sources(table: Table, moto_endpoint: str):
     table.run("`s3://models/evil.tar.gz` with a `../` member", "s3://models/evil.tar.gz", "archive_unsafe_member", limits)
     table.run("`s3://models/big/` over the cap (1 MiB)", "s3://models/big/", "download_too_large",
               dataclasses.replace(limits, max_download_bytes=2**20))
+    forbidden = [
+        ("`s3://artifacts/jobs/job-of-bob/`: another owner's converted model (artifacts bucket, "
+         "although a `*` scope names it)", "s3://artifacts/jobs/job-of-bob/"),
+        ("`s3://bobs-models/private/`: another owner's scope", "s3://bobs-models/private/"),
+        ("`s3://bobs-models/shared-not/` with scope `bobs-models/shared` (whole segments only)",
+         "s3://bobs-models/shared-not/"),
+        ("`s3://bobs-models/shared/../private/` (climbing out of the scope)", "s3://bobs-models/shared/../private/"),
+        ("`s3://bobs-models/shared/%2e%2e/private/` (the same, percent-encoded)",
+         "s3://bobs-models/shared/%2e%2e/private/"),
+    ]
+    for description, url in forbidden:
+        table.run(description, url, "source_forbidden", limits)
+    table.run("`s3://models/big/` with no S3 source scopes at all", "s3://models/big/", "source_forbidden",
+              dataclasses.replace(limits, s3_source_rules=None))
 
 
 def main() -> int:

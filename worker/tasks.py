@@ -284,7 +284,7 @@ def _pipeline(job, workdir: Path, settings: Settings, store: JobStore, storage: 
     source.mkdir(parents=True)
 
     reporter.download(0, None)  # the first write: it also notices a cancel asked meanwhile
-    fetch(job.source_url, source, settings.fetch_limits(), progress=reporter.download)
+    fetch(job.source_url, source, settings.fetch_limits(owner=job.owner), progress=reporter.download)
     if cancelled():
         raise JobCancelled()
 

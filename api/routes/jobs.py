@@ -12,13 +12,16 @@ from fastapi import APIRouter, Body, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse
 
 from api.auth import Principal, PrincipalDep
-from api.deps import QueueDep, RateLimiterDep, StorageDep, StoreDep
+from api.deps import QueueDep, RateLimiterDep, SettingsDep, StorageDep, StoreDep
 from api.errors import ApiError
 from api.schemas import (
     MAX_BATCH, MAX_PAGE, BatchCreated, ErrorResponse, JobCreate, JobCreated, JobOut, JobPage,
     job_created, job_out,
 )
 from shared.jobs import InvalidCursor, Job, JobError, JobState, JobStore
+from shared.safefiles import FetchError
+from shared.settings import Settings
+from shared.source_scopes import check_source_url
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +35,20 @@ NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such job of yours 
 UNAVAILABLE = {503: {"model": ErrorResponse, "description": "Redis or the queue is unavailable"}}
 CREATE_ERRORS = {
     **UNAVAILABLE,
+    403: {"model": ErrorResponse, "description": "source_forbidden: an s3:// source outside your S3 source scopes"},
     413: {"model": ErrorResponse, "description": "the request body is over the size limit"},
     429: {"model": ErrorResponse, "description": "too many jobs created lately; see Retry-After"},
 }
+
+
+def _check_sources(bodies: list[JobCreate], principal: Principal, settings: Settings, batch: bool) -> None:
+    """403 source_forbidden for an s3:// source outside the owner's scopes: checked for
+    every job before any is created (a batch is refused whole), and before the rate limit."""
+    for i, body in enumerate(bodies):
+        try:
+            check_source_url(body.source_url, principal.owner, settings)
+        except FetchError as exc:
+            raise ApiError(403, exc.code, f"[{i}].source_url: {exc.message}" if batch else exc.message) from None
 
 
 def _submit(body: JobCreate, principal: Principal, store: JobStore, queue) -> tuple[Job, bool]:
@@ -71,8 +85,9 @@ def _get_own_or_404(store: JobStore, job_id: str, principal: Principal) -> Job:
 )
 def create_job(
     body: JobCreate, request: Request, response: Response, principal: PrincipalDep,
-    store: StoreDep, queue: QueueDep, limiter: RateLimiterDep,
+    store: StoreDep, queue: QueueDep, limiter: RateLimiterDep, settings: SettingsDep,
 ):
+    _check_sources([body], principal, settings, batch=False)
     limiter.take(principal.owner, 1)
     job, created = _submit(body, principal, store, queue)
     if not created:
@@ -87,7 +102,9 @@ def create_job(
 def create_jobs(
     bodies: Annotated[list[JobCreate], Body(min_length=1, max_length=MAX_BATCH)],
     request: Request, principal: PrincipalDep, store: StoreDep, queue: QueueDep, limiter: RateLimiterDep,
+    settings: SettingsDep,
 ):
+    _check_sources(bodies, principal, settings, batch=True)
     limiter.take(principal.owner, len(bodies))
     return BatchCreated(jobs=[job_created(request, _submit(b, principal, store, queue)[0]) for b in bodies])
 

@@ -245,3 +245,52 @@ def test_key_generator_prints_a_working_entry(capsys):
     assert key.startswith("ak_") and entry == f"carol:{hash_key(key)}"
     assert identify(key, Settings(api_keys=entry)).owner == "carol"
     assert key not in entry
+
+
+def test_s3_sources_are_limited_to_the_owners_scopes(make_client, make_settings, store):
+    bucket = make_settings().s3_bucket  # the artifacts bucket of this test
+    settings = make_settings(
+        # Even a scope that names the artifacts bucket does not open it.
+        s3_source_scopes=f"alice=alice-models/team-a, bob=bob-models, *={bucket}/jobs",
+        rate_limit_jobs=3,
+    )
+    queue = RecordingQueue()
+    alice, bob = make_client(settings, "alice", queue), make_client(settings, "bob", queue)
+    job_id = alice.post("/v1/jobs", json={"source_url": "s3://alice-models/team-a/gpt2/"}).json()["id"]
+    assert store.get(job_id).owner == "alice"
+
+    # Bob asks for alice's converted model straight from the artifacts bucket: refused.
+    stolen = f"s3://{bucket}/jobs/{job_id}/"
+    r = bob.post("/v1/jobs", json={"source_url": stolen})
+    assert r.status_code == 403, r.text
+    error = r.json()["error"]
+    assert error["code"] == "source_forbidden" and stolen in error["message"]
+    # ... and so are alice's scope and a bucket whose name only starts like his own.
+    for url in ("s3://alice-models/team-a/gpt2/", "s3://bob-models-2/x/", f"s3://{bucket}//jobs/{job_id}/"):
+        r = bob.post("/v1/jobs", json={"source_url": url})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "source_forbidden", url
+        message = r.json()["error"]["message"]
+        assert not any(scope in message for scope in ("alice=", "bob=", "*=")), message  # no scopes listed
+    assert "alice-models" not in bob.post("/v1/jobs", json={"source_url": "s3://bob-models-2/x/"}).text
+    # A batch with one forbidden job is refused whole, naming the job; nothing is created.
+    ok = {"source_url": "s3://bob-models/gpt2/"}
+    r = bob.post("/v1/jobs/batch", json=[ok, {"source_url": stolen}])
+    assert r.status_code == 403 and r.json()["error"]["code"] == "source_forbidden"
+    assert r.json()["error"]["message"].startswith("[1].source_url: ")
+    assert bob.get("/v1/jobs").json()["jobs"] == [] and queue.sent == [job_id]
+
+    # Bob's own bucket is his (refusals used none of his rate limit: 3 jobs still fit).
+    r = bob.post("/v1/jobs/batch", json=[ok, ok, {"source_url": "s3://bob-models/x/model.tar.gz"}])
+    assert r.status_code == 202, r.text
+    assert len(bob.get("/v1/jobs").json()["jobs"]) == 3
+    # http(s) sources are not affected by the S3 scopes.
+    assert alice.post("/v1/jobs", json={"source_url": "https://example.org/m/"}).status_code == 202
+
+
+def test_without_s3_scopes_no_s3_source_is_accepted(make_client, make_settings):
+    anonymous = make_client(make_settings(allow_anonymous=True), who=None)
+    alice = make_client(make_settings(allow_anonymous=True), "alice")
+    for client in (anonymous, alice):
+        r = client.post("/v1/jobs", json={"source_url": "s3://models/gpt2/"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "source_forbidden"
+    assert "'anonymous'" in anonymous.post("/v1/jobs", json={"source_url": "s3://models/x/"}).json()["error"]["message"]

@@ -49,7 +49,10 @@ def test_create_job_queues_it(client, queue, store):
     assert stored.options.calibration.tokens == 256  # defaults filled in
 
 
-def test_options_are_stored_as_given(client, store):
+def test_options_are_stored_as_given(client, store, make_settings):
+    # s3:// sources need a scope (tests/api/test_api_access.py tests the scopes themselves).
+    scoped = make_settings(s3_source_scopes="alice=models/gpt2")
+    app.dependency_overrides[get_settings] = lambda: scoped
     options = {"tolerance": 1e-6, "dtype": "float64", "calibration": {"token_ids": [[1, 2, 3], [4]]},
                "construction": "compact", "checks": ["local", "local", "greedy"], "greedy_tokens": 4}
     r = client.post("/v1/jobs", json={"source_url": "s3://models/gpt2", "options": options})
@@ -65,6 +68,8 @@ def test_options_are_stored_as_given(client, store):
 @pytest.mark.parametrize("body, location, path", [
     ({"source_url": "ftp://example.org/m"}, "body", "source_url"),
     ({"source_url": "file:///etc/passwd"}, "body", "source_url"),
+    ({"source_url": "s3://169.254.169.254/key"}, "body", "source_url"),  # parsed as the worker would
+    ({"source_url": "s3://models:9000/key"}, "body", "source_url"),
     ({}, "body", "source_url"),
     ({"source_url": "https://x/", "options": {"dtype": "float16"}}, "body", "options.dtype"),
     ({"source_url": "https://x/", "options": {"tolerance": 2}}, "body", "options.tolerance"),

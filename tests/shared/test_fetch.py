@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from shared.fetch import FetchError, FetchLimits, fetch_source
+from shared.source_scopes import SourceRules, parse_scopes
 
 LOCAL = FetchLimits(allow_hosts=("127.0.0.1",), connect_timeout=2.0, read_timeout=2.0)
 REAL_GETADDRINFO = socket.getaddrinfo
@@ -678,13 +679,18 @@ def s3(checkpoints):
     moto.start()
     host, port = moto.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    # Every owner may read the test buckets; "artifacts" is the service's own bucket.
+    rules = SourceRules(owner="alice", scopes=tuple(parse_scopes("*=models, *=no-such-bucket")),
+                        artifacts_bucket="artifacts")
     limits = FetchLimits(s3_endpoint_url=endpoint, s3_access_key="test", s3_secret_key="test",
-                         connect_timeout=2, read_timeout=5)
+                         connect_timeout=2, read_timeout=5, s3_source_rules=rules)
     client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
                           aws_secret_access_key="test", region_name="us-east-1")
     client.create_bucket(Bucket="models")
+    client.create_bucket(Bucket="artifacts")
     for name, body in checkpoints["sharded"].items():
         client.put_object(Bucket="models", Key=f"gpt2/sharded/{name}", Body=body)
+        client.put_object(Bucket="artifacts", Key=f"jobs/job-of-bob/{name}", Body=body)
     yield client, limits
     moto.stop()
 
@@ -724,3 +730,39 @@ def test_s3_respects_the_size_cap(s3, checkpoints, tmp_path):
     _, limits = s3
     small = dataclasses.replace(limits, max_download_bytes=10_000)
     assert fetch_error("s3://models/gpt2/sharded/", tmp_path, small).code == "download_too_large"
+
+
+def _scoped(limits, scopes, owner="alice"):
+    rules = SourceRules(owner=owner, scopes=tuple(parse_scopes(scopes)), artifacts_bucket="artifacts")
+    return dataclasses.replace(limits, s3_source_rules=rules)
+
+
+@pytest.mark.parametrize("url, scopes", [
+    ("s3://artifacts/jobs/job-of-bob/", "*=artifacts, alice=artifacts/jobs"),  # never, whatever the scopes
+    ("s3://models/gpt2/sharded/", "bob=models"),                               # someone else's scope
+    ("s3://models/gpt2/sharded/", "alice=models/gpt"),                          # whole segments only
+    ("s3://models/gpt2/sharded/", "alice=models/gpt2/sharded-old"),
+    ("s3://models/gpt2/other/../sharded/", "alice=models/gpt2/other"),          # no climbing out
+    ("s3://models/gpt2/sharded/", ""),                                          # no scopes: nothing
+])
+def test_s3_outside_the_owners_scopes_is_refused_before_any_request(s3, tmp_path, monkeypatch, url, scopes):
+    import boto3
+
+    _, limits = s3
+    made = []
+    monkeypatch.setattr(boto3, "client", lambda *a, **k: made.append(a) or pytest.fail("an S3 client was made"))
+    error = fetch_error(url, tmp_path, _scoped(limits, scopes))
+    assert error.code == "source_forbidden", str(error)
+    assert made == []
+
+
+def test_s3_without_source_rules_reads_nothing(s3, tmp_path):
+    _, limits = s3
+    error = fetch_error("s3://models/gpt2/sharded/", tmp_path, dataclasses.replace(limits, s3_source_rules=None))
+    assert error.code == "source_forbidden"
+
+
+def test_s3_inside_the_owners_own_scope_is_read(s3, checkpoints, tmp_path):
+    _, limits = s3
+    fetch_source("s3://models/gpt2/sharded/", tmp_path, _scoped(limits, "bob=models, alice=models/gpt2"))
+    assert (tmp_path / "config.json").read_bytes() == checkpoints["sharded"]["config.json"]

@@ -12,6 +12,7 @@ def test_defaults_are_safe(monkeypatch):
     s = Settings()
     assert s.allow_pickle is False
     assert s.fetch_allow_hosts == []  # loopback and private hosts are refused by default
+    assert s.s3_source_scopes == [] and s.s3_source_access_key is None  # no s3:// source is read
     assert s.s3_endpoint_url is None
     assert s.visibility_timeout > s.task_time_limit
     assert s.gpu_queue == "gpu"
@@ -93,3 +94,31 @@ def test_short_timeouts_for_tests_still_keep_their_order():
     assert s.visibility_timeout > s.task_time_limit
     with pytest.raises(ValidationError):
         Settings(task_time_limit=4, visibility_timeout=10)
+
+
+def test_sources_are_read_with_the_source_credentials_where_set(monkeypatch):
+    s = Settings(s3_endpoint_url="http://s3:9000", s3_access_key="a", s3_secret_key="b")
+    limits = s.fetch_limits(owner="alice")
+    assert (limits.s3_endpoint_url, limits.s3_access_key, limits.s3_secret_key) == ("http://s3:9000", "a", "b")
+    assert limits.s3_source_rules.owner == "alice" and limits.s3_source_rules.scopes == ()
+    assert limits.s3_source_rules.artifacts_bucket == s.s3_bucket
+
+    monkeypatch.setenv("ATTNONLY_S3_SOURCE_ACCESS_KEY", "read-only")
+    monkeypatch.setenv("ATTNONLY_S3_SOURCE_SECRET_KEY", "ro-secret")
+    monkeypatch.setenv("ATTNONLY_S3_SOURCE_ENDPOINT_URL", "http://sources:9000")
+    s = Settings(s3_endpoint_url="http://s3:9000", s3_access_key="a", s3_secret_key="b")
+    limits = s.fetch_limits()
+    assert (limits.s3_endpoint_url, limits.s3_access_key, limits.s3_secret_key) == (
+        "http://sources:9000", "read-only", "ro-secret")
+    assert s.s3_credentials() == ("a", "b")  # the artifacts keep theirs
+    assert "ro-secret" not in repr(s)
+
+
+def test_source_credentials_come_in_pairs_and_stay_on_their_endpoint():
+    with pytest.raises(ValidationError, match="together"):
+        Settings(s3_source_access_key="read-only")
+    with pytest.raises(ValidationError, match="artifact credentials are not sent elsewhere"):
+        Settings(s3_endpoint_url="http://s3:9000", s3_access_key="a", s3_secret_key="b",
+                 s3_source_endpoint_url="http://elsewhere:9000")
+    same = Settings(s3_endpoint_url="http://s3:9000", s3_source_endpoint_url="http://s3:9000")
+    assert same.fetch_limits().s3_endpoint_url == "http://s3:9000"

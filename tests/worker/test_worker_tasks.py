@@ -195,6 +195,37 @@ def test_real_fetch_of_a_missing_source_fails_with_its_code(store, storage, sett
     assert convert.calls == []
 
 
+def test_real_fetch_refuses_an_s3_source_outside_the_owners_scopes(store, storage, make_settings):
+    # A job that got past the API some other way (an older API, a hand-written record):
+    # bob's job reads alice's artifacts. Even a scope naming the artifacts bucket is no help.
+    settings = make_settings(s3_source_scopes=f"*={storage.bucket}, bob=bob-models")
+    alice_job, _ = store.create("https://example.org/m/", None, owner="alice")
+    mine = f"jobs/{alice_job.id}/config.json"
+    storage.client.put_object(Bucket=settings.s3_bucket, Key=mine, Body=b'{"model_type": "gpt2"}')
+    job, _ = store.create(f"s3://{settings.s3_bucket}/jobs/{alice_job.id}/", None, owner="bob")
+    convert = FakeConvert()
+    assert run_job(job.id, settings=settings, store=store, storage=storage, device="cpu",
+                   convert=convert) == JobState.failed
+    failed = store.get(job.id)
+    assert failed.state == JobState.failed and failed.error.code == "source_forbidden"
+    assert convert.calls == [] and failed.artifacts == []
+    assert storage.list_keys(job_prefix(alice_job.id)) == [mine]  # alice's files are untouched
+
+
+def test_the_fetch_gets_the_scopes_of_the_jobs_owner(store, storage, make_settings):
+    settings = make_settings(s3_source_scopes="alice=models/a, bob=models/b, *=shared-models")
+    seen = []
+
+    def recording_fetch(url, dest, limits, progress=None):
+        seen.append(limits.s3_source_rules)
+        return fake_fetch(url, dest, limits, progress)
+
+    job, _ = store.create("s3://models/a/", None, owner="alice")
+    assert run(store, storage, settings, job.id, fetch=recording_fetch, convert=FakeConvert()) == JobState.succeeded
+    assert seen[0].owner == "alice" and seen[0].artifacts_bucket == settings.s3_bucket
+    assert [str(s) for s in seen[0].scopes] == ["alice=models/a", "*=shared-models"]
+
+
 def test_fetch_errors_keep_their_code(store, storage, settings):
     job, _ = store.create("https://example.org/m/", None)
 
