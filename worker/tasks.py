@@ -37,8 +37,17 @@ from worker.app import CONVERT_TASK, celery_app
 
 log = logging.getLogger(__name__)
 
-# What a converted checkpoint consists of; all three are uploaded.
+# What every converted checkpoint has; weight shards, their index and the source's tokenizer
+# files come with them where present. Every file of the output directory is uploaded.
 ARTIFACT_NAMES = ("config.json", "model.safetensors", "report.json")
+
+
+def artifact_names(out: Path) -> list[str]:
+    """The output directory's files: config.json first, report.json last (a client that sees the
+    report knows the rest is there)."""
+    names = sorted(p.name for p in out.iterdir() if p.is_file())
+    rank = {"config.json": 0, "report.json": 2}
+    return sorted(names, key=lambda n: (rank.get(n, 1), n))
 
 # The part of the progress bar each stage fills, and the job state it shows as:
 # stage -> (state, start %, end %). The conversion may write its weights before or after
@@ -47,14 +56,13 @@ ARTIFACT_NAMES = ("config.json", "model.safetensors", "report.json")
 PHASES: dict[str, tuple[JobState, float, float]] = {
     "downloading": (JobState.downloading, 0, 10),
     "loading": (JobState.converting, 10, 15),
-    "calibrating": (JobState.converting, 15, 30),
-    "converting": (JobState.converting, 30, 60),
-    "writing": (JobState.converting, 60, 65),
+    "calibrating": (JobState.converting, 15, 55),
+    "writing": (JobState.converting, 55, 65),
     "checking": (JobState.checking, 65, 95),
     "uploading": (JobState.uploading, 95, 100),
 }
 STATE_ORDER = (JobState.downloading, JobState.converting, JobState.checking, JobState.uploading)
-LAYER_STAGES = ("calibrating", "converting", "checking")
+LAYER_STAGES = ("calibrating", "writing", "checking")
 # A Redis that is restarting, unreachable or still loading its data (BusyLoadingError is a
 # ConnectionError): worth waiting for. Other Redis errors are bugs and fail the job.
 STORE_ERRORS = (redis.ConnectionError, redis.TimeoutError)
@@ -295,14 +303,15 @@ def _pipeline(job, workdir: Path, settings: Settings, store: JobStore, storage: 
     if cancelled():
         raise JobCancelled()
 
-    reporter.stage("uploading", 0, len(ARTIFACT_NAMES))
+    names = artifact_names(out)
+    reporter.stage("uploading", 0, len(names))
     # Here, not at start-up: an S3 outage then fails this job clearly.
     with_storage_retries(storage.ensure_bucket, settings, "checking the bucket", job.id, cancelled)
     artifacts: list[Artifact] = []
-    for i, name in enumerate(ARTIFACT_NAMES):
+    for i, name in enumerate(names):
         artifacts += with_storage_retries(
             lambda: storage.upload_job_files(job.id, out, [name]), settings, f"uploading {name}", job.id, cancelled)
-        reporter.stage("uploading", i + 1, len(ARTIFACT_NAMES))
+        reporter.stage("uploading", i + 1, len(names))
         if cancelled():
             raise JobCancelled()
 

@@ -1,103 +1,128 @@
-"""Calibration: run the source model layer by layer on calibration tokens and record, per
-layer, the range of every FFN pre-activation. Ω, fit ranges and product gains come from these.
+"""Calibration and local checks: one forward pass of the source model (transformers' own class,
+its weights loaded module by module), with a hook on every FFN site that works on the inputs
+the site saw, one site at a time, while the pass goes on.
 
-Only one layer's weights are in memory at a time: the source attention and norms are the
-runtime's own classes loaded with the source tensors, the FFN is evaluated exactly.
+    Calibrator   per site: statistics, numerical verification of the pattern match, the plan,
+                 and the closed loop: build the heads, measure the error against the source in
+                 float64, re-size (Budget.tighter) until it is at most half the tolerance
+    LocalCheck   per site: the converted heads against the source in float64 on check tokens
 """
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 
-from .activations import exact_activation
-from .format import runtime_name
-from .errors import InvalidOptionsError
-from .model import Embedding, Norm, SourceAttention
+from .construct import Budget, SiteStats, plan_site
+from .errors import UnsupportedArchitectureError
+from .patterns import Experts, Plain, Site, identify_activation, relative_error
+from .sitework import SiteWork
+
+VERIFY_TOLERANCE = 1e-6  # the pattern's reconstruction vs the module's own forward, float64
+RESIZE_ATTEMPTS = 4
+MARGIN = 0.5  # a site is accepted when its calibration error is at most MARGIN x tolerance
+
+
+def hook_site(model: nn.Module, site: Site, on_inputs) -> torch.utils.hooks.RemovableHandle:
+    """Call on_inputs(site, inputs) with what the site receives in model's forward passes."""
+    if isinstance(site.pattern, Plain):
+        target = model.get_submodule(site.join(site.pattern.act))
+        return target.register_forward_pre_hook(lambda m, args: on_inputs(site, (args[0],)))
+
+    def pre(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        if isinstance(site.pattern, Experts):
+            rest = list(args[1:3]) if len(args) >= 3 else [kwargs["top_k_index"], kwargs["top_k_weights"]]
+            on_inputs(site, (x, *rest))
+        else:
+            on_inputs(site, (x,))
+
+    return model.get_submodule(site.path).register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def site_stats(site: Site, inputs, work: SiteWork) -> SiteStats:
+    """Max |pre-activation| (and per unit |act(gate)| for gated sites), from the site's inputs."""
+    from .activations import exact_activation
+
+    if isinstance(site.pattern, Plain):
+        return SiteStats(inputs[0].detach().double().abs().max())
+    module = work._module(None, torch.float64)
+    x = inputs[0].detach().double()
+    p = site.pattern
+    if isinstance(p, Experts):
+        gate_up = getattr(module, p.gate_up)
+        E, F = gate_up.shape[0], site.units
+        pre, out = torch.zeros(E, dtype=torch.float64), torch.zeros(E, F, dtype=torch.float64)
+        for e in inputs[1].unique().tolist():
+            if 0 <= e < E:
+                token = torch.where(inputs[1] == e)[0]
+                gate = nn.functional.linear(x[token], gate_up[e])[:, :F]
+                pre[e], out[e] = gate.abs().max(), exact_activation(site.activation, gate).abs().amax(0)
+        return SiteStats(pre, out)
+    gate = module.get_submodule(p.fused)(x).chunk(2, dim=-1)[0] if p.fused else module.get_submodule(p.gate)(x)
+    gate = gate.reshape(-1, F := site.units)
+    return SiteStats(gate.abs().max(), exact_activation(site.activation, gate).abs().amax(0))
 
 
 @dataclass
-class LayerStats:
-    """Max |.| over calibration tokens; per unit (F,) where a per-unit choice is made."""
-    pre_activation_abs: float  # plain: u = W1 x + b1; gated: the gate pre-activation
-    pre_activation_max: float
-    pre_activation_min: float
-    gate_output_abs: torch.Tensor = field(default=None)  # gated: (F,) max |act(gate)| per unit
-    up_abs: float = 0.0  # gated: max |W_up x|
+class SiteResult:
+    site: Site
+    plan: dict
+    tensors: dict
+    calibration_rel: float
+    adjustments: list = field(default_factory=list)
 
 
-def load_into(module: torch.nn.Module, tensors: dict, prefix: str):
-    """Copy canonical tensors named prefix + <param name> into a module's parameters."""
-    for name, param in module.named_parameters():
-        param.data = tensors[prefix + name].to(param.dtype)
+class Calibrator:
+    """on_inputs for the calibration pass: everything a site needs before it can be written."""
+
+    def __init__(self, probe, weights, tolerance: float, context: int, dtype: torch.dtype, progress=None):
+        self.probe, self.weights, self.tolerance, self.context, self.dtype = probe, weights, tolerance, context, dtype
+        self.results: dict[str, SiteResult] = {}
+        self.progress = progress or (lambda site: None)
+
+    def __call__(self, site: Site, inputs) -> None:
+        assert site.path not in self.results, f"{site.path} ran twice in one calibration pass"
+        work = SiteWork(site, self.probe, self.weights)
+        where = f"{site.path} ({site.pattern.kind} FFN, {site.activation})"
+        if isinstance(site.pattern, Plain):  # the activation, on what it really sees
+            act = self.probe.get_submodule(site.join(site.pattern.act))
+            identify_activation(act, where, inputs[0][..., :64])
+        reference = work.reference(inputs)
+        mismatch = relative_error(work.rebuilt(inputs), reference)
+        if not mismatch <= VERIFY_TOLERANCE:
+            raise UnsupportedArchitectureError(
+                f"{where}: the module's own forward and the {site.pattern.kind} pattern's reconstruction differ by "
+                f"{mismatch:.3g} (relative, float64; limit {VERIFY_TOLERANCE:g}); refusing to convert it")
+        stats = site_stats(site, inputs, work)
+        budget, adjustments = Budget(), []
+        for attempt in range(RESIZE_ATTEMPTS + 1):
+            plan, tensors = plan_site(site, stats, self.tolerance, self.context, budget)
+            module = work.converted_module(plan, tensors, self.dtype)
+            error = relative_error(work.converted(module, inputs, self.dtype), reference)
+            if error <= MARGIN * self.tolerance or attempt == RESIZE_ATTEMPTS:
+                break
+            adjustments.append(f"calibration error {error:.3g} > {MARGIN:g} x tolerance with {plan['heads_per_unit']} "
+                               f"heads/unit, omega {plan['omega']:.4g}: tightened the budget")
+            budget = budget.tighter()
+        plan["calibration_rel"] = error
+        if adjustments:
+            plan["adjusted"] = adjustments
+        self.results[site.path] = SiteResult(site, plan, tensors, error, adjustments)
+        self.progress(site)
 
 
-def calibration_batches(options, vocab_size: int, max_positions: int) -> list[torch.Tensor]:
-    if options.calibration_token_ids is not None:
-        bad = [t for seq in options.calibration_token_ids for t in seq if not 0 <= t < vocab_size]
-        if bad:
-            raise InvalidOptionsError(f"calibration token ids {bad[:5]} are outside the vocabulary (size {vocab_size})")
-        return [torch.tensor([seq[:max_positions]]) for seq in options.calibration_token_ids]
-    seq_len = min(options.seq_len, max_positions)
-    n_seqs = max(1, -(-options.calibration_tokens // seq_len))
-    generator = torch.Generator().manual_seed(options.seed)
-    return [torch.randint(0, vocab_size, (n_seqs, seq_len), generator=generator)]
+class LocalCheck:
+    """on_inputs for the check pass: each site's converted heads against its source in float64."""
 
+    def __init__(self, probe, weights, results: dict[str, SiteResult], dtype: torch.dtype, progress=None):
+        self.probe, self.weights, self.results, self.dtype = probe, weights, results, dtype
+        self.errors: dict[str, float] = {}
+        self.progress = progress or (lambda site: None)
 
-@torch.no_grad()
-def calibrate(source, batches: list[torch.Tensor], dtype: torch.dtype, progress=None) -> list[LayerStats]:
-    arch = source.arch
-    D, norm, decoder = arch["d_model"], arch["norm"], arch["kind"] == "decoder"
-    embed = Embedding(arch)
-    load_into(embed, {runtime_name(n): source.tensor(n) for n in source.names() if n.startswith("embed.")}, "embed.")
-    embed.to(dtype)
-    states = [embed(ids, torch.arange(ids.shape[1])) for ids in batches]  # each (B, T, D)
-    stats = []
-    for i in range(arch["n_layers"]):
-        p = f"layers.{i}."
-        tensors = {n[len(p):]: source.tensor(n).to(dtype) for n in source.names() if n.startswith(p)}
-        attn, attn_norm, ffn_norm = SourceAttention(arch, i), Norm(norm["kind"], D, norm["eps"]), Norm(norm["kind"], D, norm["eps"])
-        for module, prefix in ((attn, "attn."), (attn_norm, "attn_norm."), (ffn_norm, "ffn_norm.")):
-            load_into(module, tensors, prefix)
-            module.to(dtype)
-        records = []
-        for k, x in enumerate(states):
-            positions = torch.arange(x.shape[1])
-            if arch["placement"] == "post":
-                x = attn_norm(x + attn(x, positions))
-                delta, record = exact_ffn(arch, tensors, x)
-                x = ffn_norm(x + delta)
-            else:
-                x = x + attn(attn_norm(x), positions)
-                delta, record = exact_ffn(arch, tensors, ffn_norm(x))
-                x = x + delta
-            states[k] = x
-            records.append(record)
-        stats.append(merge(records))
-        if progress:
-            progress("calibrating", i + 1, arch["n_layers"])
-    return stats
-
-
-def linear(x, tensors, name):
-    return torch.nn.functional.linear(x, tensors[name + ".weight"], tensors.get(name + ".bias"))
-
-
-def exact_ffn(arch, tensors, h):
-    """The source FFN on normalised input h, and the statistics of its pre-activations."""
-    act = arch["ffn"]["activation"]
-    if arch["ffn"]["kind"] == "plain":
-        u = linear(h, tensors, "ffn.w1")  # (B, T, F)
-        return linear(exact_activation(act, u), tensors, "ffn.w2"), {"pre": u}
-    gate = linear(h, tensors, "ffn.gate")
-    up = linear(h, tensors, "ffn.up")
-    s = exact_activation(act, gate)
-    return linear(s * up, tensors, "ffn.down"), {"pre": gate, "s": s, "up": up}
-
-
-def merge(records) -> LayerStats:
-    pre = torch.cat([r["pre"].reshape(-1, r["pre"].shape[-1]) for r in records])  # (N, F)
-    stats = LayerStats(pre.abs().max().item(), pre.max().item(), pre.min().item())
-    if "s" in records[0]:
-        s = torch.cat([r["s"].reshape(-1, r["s"].shape[-1]) for r in records])
-        stats.gate_output_abs = s.abs().amax(0)
-        stats.up_abs = max(r["up"].abs().max().item() for r in records)
-    return stats
+    def __call__(self, site: Site, inputs) -> None:
+        work = SiteWork(site, self.probe, self.weights)
+        result = self.results[site.path]
+        module = work.converted_module(result.plan, result.tensors, self.dtype)
+        error = relative_error(work.converted(module, inputs, self.dtype), work.reference(inputs))
+        self.errors[site.path] = max(error, self.errors.get(site.path, 0.0))
+        self.progress(site)

@@ -1,147 +1,130 @@
-"""Layer-by-layer equivalence against transformers' own forward pass (DESIGN.md §7).
+"""Equivalence against transformers' own forward pass (docs/DESIGN.md §7).
 
-local       the source's residual entering block l is fed to the source block (inside
-            transformers, captured by hooks) and to the converted block l; every converted
-            FFN sublayer is fed the input transformers' MLP saw. Isolates each layer's error.
-propagated  each model runs on its own from the tokens; residuals after every block, then
-            logits: max |Δ|, max relative, RMS, KL, top-1, and a greedy continuation.
-Errors are relative to the reference's scale: max |Δ| / max |reference|.
+local       every FFN site's heads against the source module in float64, on the inputs the
+            site saw in the reference pass (calibrate.LocalCheck): the construction's error
+propagated  each model runs on its own from the tokens: hidden states after every block, then
+            logits (max |Δ|, max relative, RMS, KL, top-1) or, without an LM head, the last
+            hidden states (max relative, min cosine)
+greedy      transformers' generate() on both; a step where the two part is a tie when the
+            reference's top-two logits there are closer than twice the measured logit error
+            (counted, reported, and the comparison goes on from the reference's token)
 """
 import time
 
 import torch
 import torch.nn.functional as F
 
-from .errors import UnsupportedArchitectureError
+from .patterns import relative_error
 
 
-def relative(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return ((ours.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
+def model_inputs(batch, encoder_decoder: bool) -> dict:
+    inputs = {"input_ids": batch.input_ids}
+    if batch.attention_mask is not None:
+        inputs["attention_mask"] = batch.attention_mask
+    if encoder_decoder:
+        inputs["decoder_input_ids"] = batch.input_ids
+    return inputs
 
 
-def load_reference(source_dir, arch: dict, dtype: torch.dtype):
-    import transformers  # the reference implementation; the runtime itself never needs it
-
-    cls = getattr(transformers, arch["source_architecture"], None)
-    if cls is None:
-        raise UnsupportedArchitectureError(f"transformers has no class {arch['source_architecture']}")
-    model = cls.from_pretrained(str(source_dir), dtype=dtype)
-    return model.eval()
-
-
-def reference_layers(model, arch):
-    if arch["family"] == "gpt2":
-        return list((model.transformer if hasattr(model, "transformer") else model).h)
-    if arch["family"] == "llama":
-        return list(model.model.layers)
-    return list((model.bert if hasattr(model, "bert") else model).encoder.layer)
+def hidden_states(out) -> list[torch.Tensor]:
+    states = []
+    for key in ("encoder_hidden_states", "decoder_hidden_states", "hidden_states"):
+        value = getattr(out, key, None)
+        if value is not None:
+            states.extend(value)
+    return states
 
 
-def mlp_modules(layer, arch):
-    """(module whose input is the FFN input, module whose output is the FFN output)."""
-    if arch["family"] == "bert":
-        return layer.intermediate, layer.output.dense
-    return layer.mlp, layer.mlp
-
-
-class Capture:
-    """Forward hooks recording each reference layer's input/output and FFN input/output."""
-
-    def __init__(self, layers, arch):
-        self.records = [dict() for _ in layers]
-        self.handles = []
-        for record, layer in zip(self.records, layers):
-            ffn_in, ffn_out = mlp_modules(layer, arch)
-            self.handles += [
-                layer.register_forward_hook(self.block_hook(record), with_kwargs=True),
-                ffn_in.register_forward_hook(lambda m, args, out, r=record: r.__setitem__("ffn_in", args[0])),
-                ffn_out.register_forward_hook(lambda m, args, out, r=record: r.__setitem__("ffn_out", out)),
-            ]
-
-    @staticmethod
-    def block_hook(record):
-        def hook(module, args, kwargs, out):
-            record["block_in"] = args[0] if args else kwargs["hidden_states"]
-            record["block_out"] = out[0] if isinstance(out, tuple) else out
-        return hook
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
+def final_output(out) -> tuple[str, torch.Tensor]:
+    logits = getattr(out, "logits", None)
+    return ("logits", logits) if logits is not None else ("hidden", out.last_hidden_state)
 
 
 @torch.no_grad()
-def local_errors(converted, reference, arch, tokens, progress=None) -> list[dict]:
-    layers = reference_layers(reference, arch)
-    capture = Capture(layers, arch)
-    try:
-        reference(input_ids=tokens)
-    finally:
-        capture.remove()
-    positions = torch.arange(tokens.shape[1])
-    results = []
-    for i, (record, block) in enumerate(zip(capture.records, converted.layers)):
-        x = record["block_in"]
-        scratch = x.new_zeros(*x.shape[:2], converted.scratch_width) if converted.scratch_width else None
-        ours_block, _ = block(x, scratch, positions)
-        ours_ffn, _ = block.ffn_output(record["ffn_in"], scratch, None, {})
-        entry = {"layer": i, "ffn_rel": relative(ours_ffn, record["ffn_out"]),
-                 "block_rel": relative(ours_block, record["block_out"])}
-        if block.gated:
-            mlp = layers[i].mlp
-            s_ref = mlp.act_fn(mlp.gate_proj(record["ffn_in"]))
-            entry["gate_rel"] = relative(block.gate(record["ffn_in"]), s_ref)
-        results.append(entry)
-        if progress:
-            progress("checking", i + 1, len(converted.layers))
-    return results
+def run(model, batch, encoder_decoder: bool):
+    return model(**model_inputs(batch, encoder_decoder), output_hidden_states=True, use_cache=False)
 
 
-@torch.no_grad()
-def propagated_errors(converted, reference, arch, tokens) -> dict:
-    out = reference(input_ids=tokens, output_hidden_states=True)
-    hidden = out.hidden_states
-    ours = list(converted.residual_stream(tokens))
-    L = len(converted.layers)
+def propagated(ours_out, ref_out, attention_mask) -> dict:
+    keep = None if attention_mask is None else attention_mask.bool()
     residual = []
-    for i in range(1, L + 1):
-        x = ours[i]
-        if i == L and converted.final_norm is not None:
-            x = converted.final_norm(x)  # transformers applies the final norm to its last hidden state
-        residual.append({"layer": i - 1, "residual_rel": relative(x, hidden[i])})
+    for i, (a, b) in enumerate(zip(hidden_states(ours_out), hidden_states(ref_out))):
+        residual.append({"index": i, "residual_rel": relative_error(_real(a, keep), _real(b, keep))})
+    kind, ours = final_output(ours_out)
+    _, ref = final_output(ref_out)
     result = {"residual": residual}
-    if converted.arch["lm_head"] != "none":
-        result["logits"] = logit_metrics(converted.head(ours[-1]), out.logits)
+    if kind == "logits":
+        result["logits"] = logit_metrics(_real(ours, keep), _real(ref, keep))
     else:
-        result["hidden"] = {"max_abs": (converted.head(ours[-1]).double() - out.last_hidden_state.double()).abs().max().item(),
-                            "max_rel": relative(converted.head(ours[-1]), out.last_hidden_state)}
+        ours, ref = _real(ours, keep).double(), _real(ref, keep).double()
+        result["hidden"] = {"max_abs": float((ours - ref).abs().max()), "max_rel": relative_error(ours, ref),
+                            "min_cosine": float(F.cosine_similarity(ours, ref, dim=-1).min())}
     return result
 
 
+def _real(x, keep):
+    """The positions of real tokens only, flattened: (N, ...)."""
+    if keep is None or x.shape[:2] != keep.shape:
+        return x.reshape(-1, x.shape[-1])
+    return x[keep]
+
+
 def logit_metrics(ours: torch.Tensor, ref: torch.Tensor) -> dict:
+    """ours, ref (N, V)."""
     ours, ref = ours.double(), ref.double()
     diff = ours - ref
     log_p, log_q = F.log_softmax(ref, -1), F.log_softmax(ours, -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, T): KL(reference || converted)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (N,): KL(reference || converted)
+    top2 = ref.topk(2, dim=-1).values if ref.shape[-1] > 1 else torch.cat((ref, ref), -1)
+    gap = top2[:, 0] - top2[:, 1]
+    error = diff.abs().amax(-1)
+    disagree = ours.argmax(-1) != ref.argmax(-1)
+    ties = disagree & (gap <= 2 * error)
     return {
-        "max_abs": diff.abs().max().item(),
-        "max_rel": (diff.abs().max() / ref.abs().max()).item(),
-        "rms": diff.pow(2).mean().sqrt().item(),
-        "reference_max_abs": ref.abs().max().item(),
-        "kl_max": kl.max().clamp_min(0).item(),
-        "kl_mean": kl.mean().clamp_min(0).item(),
-        "top1_agreement": (ours.argmax(-1) == ref.argmax(-1)).double().mean().item(),
+        "max_abs": float(diff.abs().max()), "max_rel": float(diff.abs().max() / ref.abs().max()),
+        "rms": float(diff.pow(2).mean().sqrt()), "reference_max_abs": float(ref.abs().max()),
+        "kl_max": float(kl.max().clamp_min(0)), "kl_mean": float(kl.mean().clamp_min(0)),
+        "top1_agreement": float((~disagree).double().mean()),
+        "top1_ties": int(ties.sum()), "top1_mismatches": int((disagree & ~ties).sum()),
     }
 
 
 @torch.no_grad()
-def greedy_agreement(converted, reference, prompt, new_tokens: int) -> dict:
+def greedy(converted, reference, prompt: torch.Tensor, new_tokens: int, encoder_decoder: bool) -> dict:
+    """Greedy continuations of `prompt` (1, P) from transformers' generate() on both models."""
     started = time.perf_counter()
-    ours = converted.generate(prompt, new_tokens)[:, prompt.shape[1]:]
-    ref = reference.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=0)[:, prompt.shape[1]:]
-    matching = (ours == ref).all(0).long()
-    first_mismatch = int(matching.argmin()) if not matching.all() else None
-    return {"tokens": new_tokens, "identical": first_mismatch is None, "first_mismatch": first_mismatch,
-            "matching_tokens": int(matching.cumprod(0).sum()), "seconds": time.perf_counter() - started}
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                  pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    if encoder_decoder:
+        config = reference.config
+        kwargs["decoder_start_token_id"] = next(
+            (t for t in (getattr(config, "decoder_start_token_id", None), getattr(config, "pad_token_id", None), 0)
+             if t is not None))
+    ref = reference.generate(input_ids=prompt, output_logits=True, output_scores=True, return_dict_in_generate=True,
+                             **kwargs)
+    ref_tokens = ref.sequences[0, -new_tokens:]
+    # tokens generate() ruled out (min_new_tokens masks EOS) are out of the comparison too
+    banned = torch.cat(ref.scores).isneginf()  # (N, V)
+    ref_logits = torch.cat(ref.logits).double().masked_fill(banned, -torch.inf)  # (N, V)
+    ours_tokens = converted.generate(input_ids=prompt, **kwargs)[0, -new_tokens:]
+    # the converted model's logits along the reference's own continuation (teacher forcing)
+    if encoder_decoder:
+        ours_logits = converted(input_ids=prompt, decoder_input_ids=ref.sequences[:, :-1]).logits[0, -new_tokens:].double()
+    else:
+        full = torch.cat((prompt, ref_tokens[None, :-1]), dim=1)
+        ours_logits = converted(input_ids=full, use_cache=False).logits[0, -new_tokens:].double()
+    ours_logits = ours_logits.masked_fill(banned, -torch.inf)
+    error = (ours_logits - ref_logits).nan_to_num(0.0).abs().amax(-1)  # (N,)
+    top2 = ref_logits.topk(2, dim=-1).values
+    tie_at = (top2[:, 0] - top2[:, 1]) <= 2 * error
+    forced = ours_logits.argmax(-1) != ref_tokens
+    mismatches = [int(i) for i in torch.where(forced & ~tie_at)[0]]
+    ties = [int(i) for i in torch.where(forced & tie_at)[0]]
+    parted = ours_tokens != ref_tokens
+    first_part = int(parted.nonzero()[0]) if bool(parted.any()) else None
+    # generate() may part from the reference only where a tie lets it
+    if first_part is not None and not bool(tie_at[first_part]) and first_part not in mismatches:
+        mismatches.append(first_part)
+    return {"tokens": new_tokens, "identical": first_part is None, "first_parting": first_part,
+            "ties": ties, "mismatches": sorted(mismatches), "passed": not mismatches,
+            "seconds": time.perf_counter() - started}

@@ -1,73 +1,76 @@
-"""Source description + calibration statistics -> the attention-only description.
+"""Calibration statistics of one FFN -> its heads: the plan recorded in config.json and the
+head tensors (a, c, g per head; eps per product pair), float32 (docs/DESIGN.md §2, §4).
 
-For every layer: the sublayer list for config.json (kinds, head counts, Ω, widths) and the
-extra tensors the heads need (a, c, g per head; eps per product pair). The source weights
-themselves pass through unchanged (factored form, DESIGN.md §2).
+The error budget is split in shares of the tolerance. When the measured error of a site is
+still too large, calibrate.py asks again with smaller shares (`Budget.tighter`): more heads
+per unit, larger Omega, smaller eps.
 """
 import math
+from dataclasses import dataclass, replace
 
 import torch
 
 from .activations import mixture_for
+from .patterns import Experts, Gated, Site
 
 # Calibration sees a few hundred tokens; real inputs go further. Ranges are widened by
-# this factor before they set fit ranges, Ω and product gains.
+# this factor before they set fit ranges, Omega and product gains.
 RANGE_MARGIN = 1.5
-# Share of the tolerance spent on each construction error (fit, leakage, product Taylor term):
-# the rest is left to floating-point rounding.
-FIT_SHARE, LEAK_SHARE, PRODUCT_SHARE = 0.25, 0.01, 0.1
-# Post-norm blocks (BERT) normalise right after adding the FFN output, which magnifies its
-# error relative to the block output (by ~10x, measured on all-MiniLM-L6-v2): fit tighter.
-POST_NORM_FIT_SHARE = 0.025
+# Omega is set for keys up to this many times the (widened) calibrated range: an input beyond the
+# range that Omega covers makes its key outweigh every self bias (with ReLU's gain of ~1e4 this
+# happens within a hair of the range). The fast path factors e^Omega out exactly, so a large Omega
+# costs no precision there.
+OMEGA_RANGE = 4.0
+HEAD_DTYPE = torch.float32  # head parameters are stored in float32 whatever the source dtype
 
 
-def leak_omega(max_key: float, context: int, tolerance: float) -> float:
-    """Ω such that n visible keys with scores up to max_key leak < LEAK_SHARE * tolerance:
-    leak weight <= n * exp(max_key - Ω) (DESIGN.md §2, 'Choosing Ω')."""
-    return max(max_key, 0.0) + math.log(context / (LEAK_SHARE * tolerance))
+@dataclass(frozen=True)
+class Budget:
+    """Shares of the tolerance spent on each construction error; the rest is rounding."""
+    fit: float = 0.25
+    leak: float = 0.01
+    product: float = 0.1
+
+    def tighter(self) -> "Budget":
+        return replace(self, fit=self.fit / 8, leak=self.leak / 8, product=self.product / 8)
 
 
-def plan_layer(arch: dict, stats, tolerance: float, dtype: torch.dtype):
-    """(sublayer specs, {runtime tensor name suffix: tensor}) for one layer."""
-    D, F, context = arch["d_model"], arch["ffn"]["width"], arch["max_positions"]
-    activation = arch["ffn"]["activation"]
-    att = arch["attention"]
-    attention = {"kind": "attention", "heads": att["n_heads"], "kv_heads": att["n_kv_heads"],
-                 "head_dim": att["head_dim"], "width": D}
-    input_range = RANGE_MARGIN * stats.pre_activation_abs
-    fit_share = POST_NORM_FIT_SHARE if arch["placement"] == "post" else FIT_SHARE
-    mixture = mixture_for(activation, input_range, fit_share * tolerance)
+@dataclass
+class SiteStats:
+    """Max |.| over calibration tokens. Plain: the pre-activation u. Gated: the gate
+    pre-activation, and per unit max |act(gate)| (F,). Experts: the same per expert (E,), (E, F)."""
+    pre_abs: torch.Tensor  # () or (E,)
+    gate_out_abs: torch.Tensor | None = None  # (F,) or (E, F)
+
+
+def leak_omega(max_key: float, context: int, tolerance: float, share: float) -> float:
+    """Omega such that n visible keys with scores up to max_key leak < share * tolerance:
+    leak weight <= n exp(max_key - Omega) (docs/DESIGN.md §2, 'Choosing Omega')."""
+    return max(max_key, 0.0) + math.log(context / (share * tolerance))
+
+
+def plan_site(site: Site, stats: SiteStats, tolerance: float, context: int, budget: Budget) -> tuple[dict, dict]:
+    """(plan for config.json, {tensor name relative to the head module: tensor})."""
+    input_range = RANGE_MARGIN * float(stats.pre_abs.max())
+    mixture = mixture_for(site.activation, input_range, budget.fit * tolerance)
     max_key = max(abs(a) * input_range + abs(c) for a, c in zip(mixture.a, mixture.c))
-    neuron = {
-        "activation": activation, "units": F, "heads_per_unit": mixture.heads, "heads": F * mixture.heads,
-        "omega": leak_omega(max_key, context, tolerance), "input_range": input_range,
-        "fit_range": mixture.fit_range if math.isfinite(mixture.fit_range) else None,
-        "fit_max_abs_error": mixture.max_abs_error, "width": D,
+    plan = {
+        "path": site.path, "kind": site.pattern.kind, "activation": site.activation, "causal": site.causal,
+        "units": site.units, "heads_per_unit": mixture.heads, "heads": site.units * mixture.heads,
+        "omega": leak_omega(OMEGA_RANGE * max_key, context, tolerance, budget.leak), "input_range": input_range,
+        "fit_max_abs_error": mixture.max_abs_error,
     }
-    head_tensors = mixture_tensors(mixture, F, dtype)
-    if arch["ffn"]["kind"] == "plain":
-        return [attention, {"kind": "neuron", **neuron}], {f"ffn.heads.{k}": v for k, v in head_tensors.items()}
-
-    gate = {"kind": "gate", **neuron, "scratch_channels": [D, D + F]}
-    # product pair error: (2/eps) tanh(eps s / 2) = s (1 - eps^2 s^2 / 12 + ...), per unit
-    s_range = (RANGE_MARGIN * stats.gate_output_abs).clamp_min(1e-6)  # (F,)
-    eps = torch.sqrt(torch.tensor(12 * PRODUCT_SHARE * tolerance, dtype=torch.float64)) / s_range.double()
-    max_product_key = (eps * s_range.double()).max().item()
-    product = {
-        "kind": "product", "units": F, "heads": 3 * F, "pair_heads": 2 * F, "identity_heads": F,
-        "omega": leak_omega(max_product_key, context, tolerance),
-        "identity_omega": leak_omega(0.0, context, tolerance),
-        "eps_min": eps.min().item(), "eps_max": eps.max().item(), "width": D,
-    }
-    tensors = {f"gate.heads.{k}": v for k, v in head_tensors.items()}
-    tensors["product.eps"] = eps.to(dtype)
-    tensors["product.clear.a"] = torch.zeros(1, F, dtype=dtype)
-    tensors["product.clear.c"] = torch.zeros(1, F, dtype=dtype)
-    tensors["product.clear.g"] = torch.full((1, F), -1.0, dtype=dtype)
-    return [attention, gate, product], tensors
-
-
-def mixture_tensors(mixture, units: int, dtype) -> dict:
-    """a, c, g as (M, F): the same fitted terms for every unit of the layer."""
-    return {name: torch.tensor(values, dtype=torch.float64)[:, None].expand(-1, units).to(dtype).contiguous()
-            for name, values in (("a", mixture.a), ("c", mixture.c), ("g", mixture.g))}
+    abc = {name: torch.tensor(values, dtype=torch.float64)[:, None].expand(-1, site.units).to(HEAD_DTYPE).contiguous()
+           for name, values in (("a", mixture.a), ("c", mixture.c), ("g", mixture.g))}  # (M, F) each
+    if not isinstance(site.pattern, (Gated, Experts)):
+        return plan, abc
+    # product pairs: (2/eps) tanh(eps s / 2) = s (1 - eps^2 s^2 / 12 + ...), per unit
+    s_range = (RANGE_MARGIN * stats.gate_out_abs.double()).clamp_min(1e-6)  # (F,) or (E, F)
+    eps = math.sqrt(12 * budget.product * tolerance) / s_range
+    plan.update(heads=plan["heads"] + 2 * site.units, eps_min=float(eps.min()), eps_max=float(eps.max()),
+                product_omega=leak_omega(OMEGA_RANGE * float((eps * s_range).max()), context, tolerance, budget.leak))
+    if isinstance(site.pattern, Gated):
+        return plan, {**{f"gate_heads.{k}": v for k, v in abc.items()}, "product.eps": eps.to(HEAD_DTYPE)}
+    experts = eps.shape[0]
+    plan["heads"] *= experts
+    return plan, {**{k: v[None].expand(experts, -1, -1).contiguous() for k, v in abc.items()}, "eps": eps.to(HEAD_DTYPE)}

@@ -1,10 +1,11 @@
-"""convert(): source directory -> converted directory with config, weights and report.
+"""convert(): source directory -> converted Hugging Face directory with config, weights, report.
 
-URL-free and service-free: load -> calibrate -> plan -> write (streamed) -> check -> report.
+URL-free and service-free: config -> recognise FFNs -> calibrate (verify, plan, re-size) ->
+write (streamed) -> check -> report. Every pass over a model loads its weights module by module
+(host.offload), so memory stays bounded by the largest module plus activations.
 The output appears atomically: everything is written to a hidden sibling directory that is
 renamed into place at the end, and removed on any error or cancellation.
 """
-import hashlib
 import json
 import shutil
 import tempfile
@@ -13,20 +14,24 @@ from pathlib import Path
 
 import torch
 
-from . import checks
-from .calibrate import calibrate, calibration_batches
-from .construct import plan_layer
-from .errors import ConversionCancelled, InvalidOptionsError, SourceMismatchError
-from .format import (CONFIG_FILE, read_config, FORMAT_NAME, FORMAT_VERSION, REPORT_FILE, TORCH_DTYPES, WEIGHTS_FILE,
-                     StreamingSafetensorsWriter, runtime_name)
+from . import checks, host
+from .calibrate import Calibrator, LocalCheck, hook_site
+from .checkpoint import SourceCheckpoint, storage_dtype
+from .errors import ConversionCancelled, InvalidOptionsError, SourceMismatchError, UnsupportedArchitectureError
+from .format import (CONFIG_FILE, DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, REPORT_FILE, SECTION, TOKENIZER_FILES,
+                     TORCH_DTYPES, ShardedWriter, read_config)
+from .inputs import calibration_batch, check_batch, load_tokenizer
 from .options import ConversionOptions
+from .patterns import find_sites
 from .report import Report
 from .runtime import load_converted
-from .sources import SourceModel, expected_shapes
+from .weights import source_weights, tied_aliases
 
+CONVERTER_VERSION = "2.0"
 # Thresholds of the verdict, relative to the tolerance where they scale with it.
 LOGITS_REL_FACTOR = 10.0  # logits max |Δ| <= 10 * tolerance * max |logit|
 KL_LIMIT = {"float32": 1e-6, "float64": 1e-12}
+DEFAULT_CONTEXT = 2048  # keys a head may see, for Omega, when the config names no limit
 
 
 def convert(source_dir, out_dir, options: ConversionOptions | None = None, *, progress=None, should_cancel=None) -> Report:
@@ -48,60 +53,78 @@ def convert(source_dir, out_dir, options: ConversionOptions | None = None, *, pr
         raise
 
 
+class Source:
+    """The source checkpoint seen through its transformers class: FFN sites, weights, tokenizer."""
+
+    def __init__(self, directory: Path, options: ConversionOptions):
+        self.directory = directory
+        self.checkpoint = SourceCheckpoint(directory, allow_pickle=options.allow_pickle)
+        self.config = host.load_config(directory)
+        self.cls = host.model_class(self.config)
+        self.encoder_decoder = bool(getattr(self.config, "is_encoder_decoder", False))
+        self.causal = host.is_causal(self.cls, self.config)
+        self.dtype = TORCH_DTYPES[options.dtype]
+        self.storage_dtype = storage_dtype(self.checkpoint)
+        shape = host.build_empty(self.cls, self.config, self.dtype)
+        self.sites = find_sites(shape, causal=self.causal, encoder_decoder=self.encoder_decoder)
+        if not self.sites:
+            raise UnsupportedArchitectureError(f"{self.cls.__name__} has no FFN that any known pattern matches")
+        self.weights, self.lazy = source_weights(shape, self.checkpoint, self.cls, self.storage_dtype)
+        self.probe = host.build_empty(self.cls, self.config, torch.float64)  # sites' float64 evaluations
+        self.tokenizer = load_tokenizer(directory)
+        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        self.vocab_size = int(text.vocab_size)
+        self.max_positions = int(getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+                                 or DEFAULT_CONTEXT)
+
+    def reference(self):
+        """transformers' own model, its weights loaded module by module as it runs."""
+        return host.offload(host.build_empty(self.cls, self.config, self.dtype), self.weights)
+
+
 def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, progress, should_cancel) -> Report:
-    started = time.perf_counter()
-    dtype = TORCH_DTYPES[options.dtype]
-    timings = {}
+    started, timings = time.perf_counter(), {}
 
     def cancel_point():
         if should_cancel():
             raise ConversionCancelled("the conversion was cancelled")
 
     progress("loading", 0, 1)
-    source = SourceModel(source_dir, allow_pickle=options.allow_pickle)
-    arch = source.arch
-    n_layers = arch["n_layers"]
+    source = Source(source_dir, options)
     progress("loading", 1, 1)
 
-    batches = calibration_batches(options, arch["vocab_size"], arch["max_positions"])
     t = time.perf_counter()
-    stats = calibrate(source, batches, torch.float64 if options.dtype == "float64" else torch.float32,
-                      _cancellable(progress, cancel_point))
+    batch = calibration_batch(options, source.tokenizer, source.vocab_size, source.max_positions)
+    done = []
+    calibrator = Calibrator(source.probe, source.weights, options.tolerance, source.max_positions, source.dtype,
+                            progress=lambda site: _tick(done, "calibrating", len(source.sites), progress, cancel_point))
+    reference = source.reference()
+    _pass(reference, source.sites, calibrator, batch, source.encoder_decoder)
+    missing = [s.path for s in source.sites if s.path not in calibrator.results]
+    if missing:
+        raise UnsupportedArchitectureError(f"FFN sites never ran in a forward pass: {missing[:5]}")
     timings["calibrate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    layers, head_tensors = [], []
-    for i, layer_stats in enumerate(stats):
-        cancel_point()
-        sublayers, tensors = plan_layer(arch, layer_stats, options.tolerance, dtype)
-        layers.append({"index": i, "sublayers": sublayers})
-        head_tensors.append(tensors)
-    config = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "construction": options.construction,
-        "dtype": options.dtype,
-        "tolerance": options.tolerance,
-        "source": {
-            "architecture": arch["source_architecture"],
-            "family": arch["family"],
-            "weights_sha256": source.checkpoint.weights_sha256(),
-            "weights_bytes": source.checkpoint.total_bytes(),
-            "config": source.checkpoint.config,
-        },
-        "calibration": {"sequences": sum(b.shape[0] for b in batches), "tokens": sum(b.numel() for b in batches),
-                        "explicit": options.calibration_token_ids is not None, "seed": options.seed},
-        "model": arch,
-        "layers": layers,
+    results = [calibrator.results[s.path] for s in source.sites]
+    config = dict(source.checkpoint.config)
+    config[SECTION] = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "converter_version": CONVERTER_VERSION,
+        "construction": options.construction, "compute_dtype": options.dtype,
+        "storage_dtype": DTYPE_NAMES[source.storage_dtype], "head_dtype": "float32", "tolerance": options.tolerance,
+        "source": {"architecture": source.cls.__name__, "model_type": source.config.model_type,
+                   "weights_sha256": source.checkpoint.weights_sha256(), "weights_bytes": source.checkpoint.total_bytes()},
+        "calibration": {**batch.describe(), "seed": options.seed, **_corpus_identity(batch)},
+        "sites": [r.plan for r in results],
     }
-    _write_weights(out / WEIGHTS_FILE, source, head_tensors, dtype, progress, cancel_point)
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    head_tensors = {f"{host.head_module_names(r.site)}.{name}": tensor for r in results for name, tensor in r.tensors.items()}
+    _write(out, source, config, head_tensors, options, progress, cancel_point)
     timings["write_s"] = time.perf_counter() - t
 
     report = Report(config=config, options=options.to_dict())
     if options.checks:
         t = time.perf_counter()
-        _run_checks(report, source_dir, out, arch, options, dtype, progress, cancel_point)
+        _run_checks(report, source, reference, calibrator.results, out, options, progress, cancel_point)
         timings["check_s"] = time.perf_counter() - t
     report.finish(options.tolerance, LOGITS_REL_FACTOR, KL_LIMIT[options.dtype])
     report.timings = {**timings, "total_s": time.perf_counter() - started}
@@ -111,66 +134,106 @@ def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, progr
     return report
 
 
+def _corpus_identity(batch) -> dict:
+    if batch.kind != "text":
+        return {}
+    from .corpus import describe
+
+    return {"corpus": describe()}
+
+
+def _tick(done: list, stage: str, total: int, progress, cancel_point):
+    cancel_point()
+    done.append(1)
+    progress(stage, len(done), total)
+
+
+@torch.no_grad()
+def _pass(model, sites, on_inputs, batch, encoder_decoder):
+    """One forward pass of `model` on `batch` with on_inputs hooked to every site; returns the output."""
+    handles = [hook_site(model, site, on_inputs) for site in sites]
+    try:
+        return checks.run(model, batch, encoder_decoder)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _write(out: Path, source: Source, config: dict, head_tensors: dict, options, progress, cancel_point):
+    """Stream the source's tensors (own names, own dtype) and the head parameters into shards."""
+    converted = host.build_empty(source.cls, source.config, source.dtype)
+    sites = find_sites(converted, causal=source.causal, encoder_decoder=source.encoder_decoder)
+    host.swap_in(converted, sites, config[SECTION]["sites"], None)
+    aliases = tied_aliases(converted)
+    buffers = {n for n, _ in converted.named_buffers()}
+    names = [n for n in converted.state_dict() if n not in aliases and (n in head_tensors or n in source.weights)
+             and not (n in buffers and n not in source.weights)]
+    layout = {n: ((head_tensors[n].dtype, tuple(head_tensors[n].shape)) if n in head_tensors else source.weights.info(n))
+              for n in names}
+    written_layers = set()
+    with ShardedWriter(out, layout, options.max_shard_bytes) as writer:
+        for name in names:
+            layer = _layer_of(name)
+            if layer is not None and layer not in written_layers:
+                cancel_point()
+                written_layers.add(layer)
+                progress("writing", len(written_layers), max(s.layer for s in sites) + 1)
+            writer.write(name, head_tensors[name] if name in head_tensors else source.weights[name].contiguous())
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    for name in TOKENIZER_FILES:
+        if (source.directory / name).is_file():
+            shutil.copyfile(source.directory / name, out / name)
+
+
+def _layer_of(name: str):
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _run_checks(report, source: Source, reference, results, out, options, progress, cancel_point):
+    kind = "text" if source.tokenizer is not None and options.calibration != "random" else "random"
+    batch = check_batch(options, source.tokenizer, source.vocab_size, source.max_positions, kind)
+    report.check_inputs = batch.describe()
+    done = []
+    local = LocalCheck(source.probe, source.weights, results, source.dtype,
+                       progress=lambda site: _tick(done, "checking", len(source.sites), progress, cancel_point))
+    ref_out = _pass(reference, source.sites, local, batch, source.encoder_decoder)
+    if "local" in options.checks:
+        report.local = [{"site": s.path, "layer": s.layer, "kind": s.pattern.kind, "ffn_rel": local.errors[s.path],
+                         "calibration_rel": results[s.path].calibration_rel} for s in source.sites]
+    converted = load_converted(out, dtype=options.dtype, layerwise=True)
+    if "propagated" in options.checks:
+        cancel_point()
+        with torch.no_grad():
+            ours_out = checks.run(converted, batch, source.encoder_decoder)
+        report.propagated = checks.propagated(ours_out, ref_out, batch.attention_mask)
+    has_lm_head = getattr(ref_out, "logits", None) is not None
+    if "greedy" in options.checks and has_lm_head and options.greedy_tokens and hasattr(converted, "generate"):
+        cancel_point()
+        prompt_len = min(8, source.max_positions - options.greedy_tokens)
+        if prompt_len >= 1:
+            report.greedy = checks.greedy(converted, reference, batch.input_ids[:1, :prompt_len], options.greedy_tokens,
+                                          source.encoder_decoder)
+
+
 def check(out_dir, source_dir, options: ConversionOptions | None = None, progress=None) -> Report:
     """Re-run the equivalence checks of a converted directory against its source."""
     config = read_config(out_dir)
-    source = SourceModel(source_dir, allow_pickle=options.allow_pickle if options else False)
-    if source.checkpoint.weights_sha256() != config["source"]["weights_sha256"]:
+    section = config[SECTION]
+    options = options or ConversionOptions(dtype=section["compute_dtype"], tolerance=section["tolerance"])
+    source = Source(Path(source_dir), options)
+    if source.checkpoint.weights_sha256() != section["source"]["weights_sha256"]:
         raise SourceMismatchError(f"{source_dir} is not the checkpoint {out_dir} was converted from (weights hash differs)")
-    options = options or ConversionOptions(dtype=config["dtype"], tolerance=config["tolerance"])
+    from .calibrate import SiteResult
+    from .runtime import site_tensors
+
+    results = {}
+    for site, plan in zip(source.sites, section["sites"]):
+        results[site.path] = SiteResult(site, plan, site_tensors(out_dir, site), plan.get("calibration_rel", 0.0))
     report = Report(config=config, options=options.to_dict())
-    _run_checks(report, Path(source_dir), Path(out_dir), source.arch, options, TORCH_DTYPES[config["dtype"]],
+    _run_checks(report, source, source.reference(), results, Path(out_dir), options,
                 progress or (lambda *a: None), lambda: None)
     report.finish(options.tolerance, LOGITS_REL_FACTOR, KL_LIMIT[options.dtype])
     return report
-
-
-def _cancellable(progress, cancel_point):
-    """A progress callback that is also a cancellation point, for per-layer loops."""
-    def report(stage, done, total):
-        cancel_point()
-        progress(stage, done, total)
-    return report
-
-
-def _write_weights(path, source, head_tensors, dtype, progress, cancel_point):
-    """Stream every tensor: source weights (cast to dtype) layer by layer, then head parameters."""
-    arch = source.arch
-    layout, plan = {}, []
-    shapes = expected_shapes(arch)
-    for name in source.names():
-        layout[runtime_name(name)] = (dtype, shapes[name])
-        plan.append((runtime_name(name), name, None))
-    for i, tensors in enumerate(head_tensors):
-        for suffix, tensor in tensors.items():
-            layout[f"layers.{i}.{suffix}"] = (dtype, tuple(tensor.shape))
-            plan.append((f"layers.{i}.{suffix}", None, tensor))
-    with StreamingSafetensorsWriter(path, layout, metadata={"format": FORMAT_NAME}) as writer:
-        done_layers = -1
-        for runtime, canonical, tensor in plan:
-            if canonical is not None:
-                tensor = source.tensor(canonical).to(dtype)
-                layer = int(canonical.split(".")[1]) if canonical.startswith("layers.") else None
-                if layer is not None and layer > done_layers:
-                    cancel_point()
-                    done_layers = layer
-                    progress("converting", layer + 1, arch["n_layers"])
-            writer.write(runtime, tensor)
-
-
-def _run_checks(report, source_dir, out, arch, options, dtype, progress, cancel_point):
-    reference = checks.load_reference(source_dir, arch, dtype)
-    converted = load_converted(out, device="cpu")
-    generator = torch.Generator().manual_seed(options.seed + 1)
-    seq_len = min(options.seq_len, arch["max_positions"])
-    tokens = torch.randint(0, arch["vocab_size"], (2, seq_len), generator=generator)
-    if "local" in options.checks:
-        report.local = checks.local_errors(converted, reference, arch, tokens, _cancellable(progress, cancel_point))
-    if "propagated" in options.checks:
-        cancel_point()
-        report.propagated = checks.propagated_errors(converted, reference, arch, tokens)
-    if "greedy" in options.checks and arch["lm_head"] != "none" and options.greedy_tokens:
-        cancel_point()
-        prompt_len = min(8, arch["max_positions"] - options.greedy_tokens)
-        if prompt_len >= 1:
-            report.greedy = checks.greedy_agreement(converted, reference, tokens[:1, :prompt_len], options.greedy_tokens)

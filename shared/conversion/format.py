@@ -1,14 +1,17 @@
-"""The converted checkpoint on disk (spec: docs/FORMAT.md).
+"""The converted checkpoint on disk (spec: docs/FORMAT.md): a Hugging Face directory.
 
-    config.json        format name/version, source identity, construction, every layer's sublayers
-    model.safetensors  factored weights: W1, b1, W2, b2 (or gate/up/down) plus per-head a, c, g
+    config.json        the source's config, plus an "attention_only" section: format version,
+                       dtypes, calibration, and the plan of every FFN site
+    model.safetensors  the source's tensors under their own names and in their own dtype, plus
+                       each site's head parameters (float32); sharded with
+                       model.safetensors.index.json beyond max_shard_bytes
     report.json        the equivalence report
+    tokenizer files    copied from the source
 
-The safetensors file is written incrementally: the header is computed from the planned
-shapes first, then tensors are streamed in one at a time, so writing never holds the model.
+Safetensors files are written incrementally: the header is computed from the planned names,
+dtypes and shapes first, then tensors are streamed in one at a time.
 """
 import json
-import re
 import struct
 from pathlib import Path
 
@@ -17,26 +20,18 @@ from safetensors import safe_open
 
 from .errors import InvalidConvertedCheckpointError
 
-FORMAT_NAME = "attention-only-transformer"
-FORMAT_VERSION = 1
-CONFIG_FILE, WEIGHTS_FILE, REPORT_FILE = "config.json", "model.safetensors", "report.json"
+FORMAT_NAME = "attention-only"
+FORMAT_VERSION = 2
+SECTION = "attention_only"  # the key of our section in config.json
+CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, REPORT_FILE = (
+    "config.json", "model.safetensors", "model.safetensors.index.json", "report.json")
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-_GATED_RENAMES = (
-    (re.compile(r"^(layers\.\d+\.)ffn\.gate\."), r"\1gate.gate."),
-    (re.compile(r"^(layers\.\d+\.)ffn\.up\."), r"\1product.up."),
-    (re.compile(r"^(layers\.\d+\.)ffn\.down\."), r"\1product.down."),
-)
-
-
-def runtime_name(canonical: str) -> str:
-    """Where a canonical source tensor lives in the runtime's state dict."""
-    if canonical in ("embed.tokens", "embed.positions", "embed.token_types"):
-        return canonical + ".weight"
-    for pattern, replacement in _GATED_RENAMES:
-        canonical = pattern.sub(replacement, canonical)
-    return canonical
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
+                   "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja")
 
 
 class StreamingSafetensorsWriter:
@@ -74,7 +69,59 @@ class StreamingSafetensorsWriter:
             assert not self.pending, f"tensors never written: {self.pending[:5]}"
 
 
+def nbytes(dtype: torch.dtype, shape) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+
+class ShardedWriter:
+    """Write tensors in a fixed order into shards of at most max_shard_bytes (one file named
+    model.safetensors when everything fits, else model-0000i-of-0000n.safetensors plus the index).
+    `layout` maps name -> (dtype, shape) in writing order; the files appear as they are filled."""
+
+    def __init__(self, directory: Path, layout: dict[str, tuple[torch.dtype, tuple]], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        self.directory = Path(directory)
+        shards, current, size = [], {}, 0
+        for name, (dtype, shape) in layout.items():
+            n = nbytes(dtype, shape)
+            if current and size + n > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name] = (dtype, shape)
+            size += n
+        shards.append(current)
+        count = len(shards)
+        self.files = [WEIGHTS_FILE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self.shards, self.total = shards, sum(nbytes(d, s) for d, s in layout.values())
+        self.current, self.writer = -1, None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.writer is None or name not in self.shards[self.current]:
+            self._next()
+        self.writer.write(name, tensor)
+
+    def _next(self):
+        if self.writer is not None:
+            self.writer.__exit__(None, None, None)
+        self.current += 1
+        path = self.directory / self.files[self.current]
+        self.writer = StreamingSafetensorsWriter(path, self.shards[self.current], metadata={"format": "pt"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.writer is not None:
+            self.writer.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            assert self.current == len(self.shards) - 1, "shards never written"
+            if len(self.files) > 1:
+                weight_map = {name: self.files[i] for i, shard in enumerate(self.shards) for name in shard}
+                (self.directory / INDEX_FILE).write_text(json.dumps(
+                    {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2))
+
+
 def read_config(directory) -> dict:
+    """config.json of a converted directory; its attention_only section is checked."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise InvalidConvertedCheckpointError(f"{path} is missing: not a converted checkpoint")
@@ -82,21 +129,14 @@ def read_config(directory) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise InvalidConvertedCheckpointError(f"{path} is not valid JSON: {exc}") from None
-    if config.get("format") != FORMAT_NAME:
-        raise InvalidConvertedCheckpointError(f"{path} is not a {FORMAT_NAME} config (format={config.get('format')!r})")
-    if config.get("format_version") != FORMAT_VERSION:
+    if config.get("format") == "attention-only-transformer":
         raise InvalidConvertedCheckpointError(
-            f"format version {config.get('format_version')} is not readable by this runtime (reads {FORMAT_VERSION})"
-        )
+            f"{path} is format version {config.get('format_version')} (the standalone runtime of earlier releases), "
+            f"which this release no longer reads; convert the source again to get version {FORMAT_VERSION}")
+    section = config.get(SECTION)
+    if not isinstance(section, dict) or section.get("format") != FORMAT_NAME:
+        raise InvalidConvertedCheckpointError(f"{path} has no {SECTION!r} section: not a converted checkpoint")
+    if section.get("format_version") != FORMAT_VERSION:
+        raise InvalidConvertedCheckpointError(
+            f"format version {section.get('format_version')} is not readable by this release (reads {FORMAT_VERSION})")
     return config
-
-
-def read_weights(directory) -> dict[str, torch.Tensor]:
-    path = Path(directory) / WEIGHTS_FILE
-    if not path.is_file():
-        raise InvalidConvertedCheckpointError(f"{path} is missing")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as exc:  # safetensors' own error types for every kind of corruption
-        raise InvalidConvertedCheckpointError(f"{path} cannot be read: {exc}") from None

@@ -7,17 +7,19 @@ from .errors import InvalidOptionsError
 CHECK_KINDS = ("local", "propagated", "greedy")
 DEFAULT_TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 
-# progress(stage, done, total); stages in order: loading, calibrating, converting, checking, writing
+# progress(stage, done, total); stages in order: loading, calibrating, writing, checking
 ProgressCallback = Callable[[str, int, int], None]
 
 
 @dataclass
 class ConversionOptions:
-    tolerance: Optional[float] = None  # target relative error per layer; None: 1e-5 (fp32), 1e-10 (fp64)
-    dtype: Literal["float32", "float64"] = "float32"
-    calibration_tokens: int = 256  # random calibration tokens in all, cut into sequences of seq_len
+    tolerance: Optional[float] = None  # target relative error per FFN; None: 1e-5 (fp32), 1e-10 (fp64)
+    dtype: Literal["float32", "float64"] = "float32"  # the compute dtype; storage follows the source
+    calibration: Literal["auto", "text", "random"] = "auto"  # auto: text when the source has a tokenizer
+    calibration_tokens: int = 256  # calibration tokens in all, cut into sequences of seq_len
     seq_len: int = 64
     calibration_token_ids: Optional[list[list[int]]] = None  # explicit calibration sequences
+    max_shard_bytes: int = 5 * 10**9
     construction: Literal["compact"] = "compact"
     checks: list[str] = field(default_factory=lambda: list(CHECK_KINDS))
     greedy_tokens: int = 32
@@ -41,6 +43,10 @@ class ConversionOptions:
             raise InvalidOptionsError("calibration_tokens must be >= 1 and seq_len >= 2")
         if self.calibration_token_ids is not None and not all(len(s) >= 1 for s in self.calibration_token_ids):
             raise InvalidOptionsError("calibration_token_ids must be non-empty sequences")
+        if self.calibration not in ("auto", "text", "random"):
+            raise InvalidOptionsError(f"calibration must be auto, text or random, not {self.calibration!r}")
+        if self.max_shard_bytes < 1:
+            raise InvalidOptionsError("max_shard_bytes must be positive")
         if self.greedy_tokens < 0:
             raise InvalidOptionsError("greedy_tokens must be >= 0")
 

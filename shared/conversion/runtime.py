@@ -1,32 +1,57 @@
-"""load_converted(): a converted directory -> a ready ConvertedModel. Needs neither the source
-model, nor transformers, nor the converter: config.json + model.safetensors only."""
+"""load_converted(): a converted directory -> the source's transformers class with attention-head
+modules where its FFNs were. Needs transformers and this package; not the source checkpoint.
+
+    model = load_converted("out/")                  # every tensor loaded now
+    model = load_converted("out/", layerwise=True)  # each module's tensors loaded as it runs
+    model.generate(input_ids, max_new_tokens=32)    # transformers' own generate()
+"""
 import torch
 
+from . import host
+from .checkpoint import SourceCheckpoint
 from .errors import InvalidConvertedCheckpointError
-from .format import TORCH_DTYPES, read_config, read_weights
-from .model import ConvertedModel
+from .format import SECTION, TORCH_DTYPES, read_config
+from .modules import DecodeContext
+from .patterns import Site, find_sites
+from .weights import LazyWeights, map_names
 
 
-def load_converted(path, device=None, head_impl: str = "fast") -> ConvertedModel:
-    config = read_config(path)
-    dtype = TORCH_DTYPES.get(config.get("dtype"))
-    if dtype is None:
-        raise InvalidConvertedCheckpointError(f"unknown dtype {config.get('dtype')!r} in config.json")
-    try:
-        model = ConvertedModel(config)
-    except (KeyError, TypeError, AssertionError) as exc:
-        raise InvalidConvertedCheckpointError(f"config.json does not describe a valid model: {exc!r}") from None
-    model.to(dtype)
-    weights = read_weights(path)
-    expected = dict(model.state_dict())
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise InvalidConvertedCheckpointError(f"weights do not match config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, tensor in weights.items():
-        if tensor.shape != expected[name].shape:
-            raise InvalidConvertedCheckpointError(f"{name} has shape {tuple(tensor.shape)}, config implies {tuple(expected[name].shape)}")
-    model.load_state_dict(weights)
-    model.set_head_impl(head_impl)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+def load_converted(path, device=None, dtype: str | None = None, layerwise: bool = False, head_impl: str = "fast"):
+    """The converted model in `dtype` (default: the compute dtype it was converted and checked in)."""
+    config_dict = read_config(path)
+    section = config_dict[SECTION]
+    config = host.load_config(path)
+    cls = host.model_class(config)
+    compute = TORCH_DTYPES[dtype or section["compute_dtype"]]
+    model = host.build_empty(cls, config, compute)
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    sites = find_sites(model, causal=host.is_causal(cls, config), encoder_decoder=encoder_decoder)
+    plans = section["sites"]
+    if [s.path for s in sites] != [p["path"] for p in plans]:
+        raise InvalidConvertedCheckpointError(
+            f"config.json plans FFN sites {[p['path'] for p in plans][:3]}… but {cls.__name__} has {[s.path for s in sites][:3]}…")
+    context = DecodeContext(use_mask=not encoder_decoder)
+    host.swap_in(model, sites, plans, context)
+    context.install(model)
+    checkpoint = SourceCheckpoint(path)
+    names = map_names(model, checkpoint)
+    if names is None:
+        raise InvalidConvertedCheckpointError(f"the weights in {path} do not cover {cls.__name__}'s tensors")
+    weights = LazyWeights(checkpoint, names)
+    model = host.offload(model, weights) if layerwise else host.materialize(model, weights)
+    for module in model.modules():
+        if hasattr(module, "impl"):
+            module.impl = head_impl
+    model.attention_only = section
+    if not layerwise and device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def site_tensors(path, site: Site) -> dict[str, torch.Tensor]:
+    """A site's head parameters as stored, by their names relative to the head module."""
+    checkpoint = SourceCheckpoint(path)
+    prefix = host.head_module_names(site) + "."
+    keep = ("a", "c", "g", "eps", "gate_heads.a", "gate_heads.c", "gate_heads.g", "product.eps")
+    return {n[len(prefix):]: checkpoint.tensor(n) for n in checkpoint.names()
+            if n.startswith(prefix) and n[len(prefix):] in keep}

@@ -41,13 +41,34 @@ def test_missing_weights(source_dirs, tmp_path):
     assert_fails_cleanly(src, tmp_path, "source_missing_file")
 
 
-def test_unsupported_architecture_names_the_supported_ones(source_dirs, tmp_path):
+def test_unknown_model_type_is_unsupported(source_dirs, tmp_path):
     src = copy_source(source_dirs, "gpt2-gelu_new", tmp_path)
     config = json.loads((src / "config.json").read_text())
-    config.update(architectures=["T5ForConditionalGeneration"], model_type="t5")
+    config.update(architectures=["FooForCausalLM"], model_type="foo")
     (src / "config.json").write_text(json.dumps(config))
     error = assert_fails_cleanly(src, tmp_path, "unsupported_architecture")
-    assert "GPT2LMHeadModel" in error.message and "LlamaForCausalLM" in error.message and "BertModel" in error.message
+    assert "foo" in error.message
+
+
+def test_unknown_activation_is_refused_naming_the_module(source_dirs, tmp_path):
+    src = copy_source(source_dirs, "llama-gqa", tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    config["hidden_act"] = "relu2"  # squared ReLU: no head mixture for it
+    (src / "config.json").write_text(json.dumps(config))
+    error = assert_fails_cleanly(src, tmp_path, "unsupported_architecture")
+    assert "model.layers.0.mlp" in error.message and "ReLUSquared" in error.message
+
+
+def test_a_pattern_that_does_not_hold_is_refused(source_dirs, tmp_path, monkeypatch):
+    """Names match the gated pattern but the module computes something else: verified, refused."""
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)) * 1.001
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", forward)
+    error = assert_fails_cleanly(source_dirs("llama-gqa"), tmp_path, "unsupported_architecture")
+    assert "model.layers.0.mlp" in error.message and "differ" in error.message
 
 
 def test_shape_mismatch(source_dirs, tmp_path):
@@ -89,7 +110,7 @@ def test_pickle_refused_unless_allowed(source_dirs, tmp_path):
     (src / "model.safetensors").unlink()
     assert_fails_cleanly(src, tmp_path, "pickle_not_allowed")
     report = convert(src, tmp_path / "allowed", ConversionOptions(calibration_tokens=16, seq_len=8, checks=[], allow_pickle=True))
-    assert (tmp_path / "allowed" / "model.safetensors").is_file() and report.config["layers"]
+    assert (tmp_path / "allowed" / "model.safetensors").is_file() and report.config["attention_only"]["sites"]
 
 
 def test_pickle_with_payload_is_not_executed(tmp_path, source_dirs):
@@ -113,8 +134,14 @@ def test_sharded_checkpoint_converts(tmp_path):
     model = build_model("gpt2-gelu_new")
     model.save_pretrained(tmp_path / "src", max_shard_size="20KB")
     assert (tmp_path / "src" / "model.safetensors.index.json").is_file()
-    report = convert(tmp_path / "src", tmp_path / "out", ConversionOptions(calibration_tokens=32, seq_len=16, greedy_tokens=4))
+    report = convert(tmp_path / "src", tmp_path / "out", ConversionOptions(calibration_tokens=32, seq_len=16, greedy_tokens=4,
+                                                                        max_shard_bytes=20_000))
     assert report.passed, report.failures
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((tmp_path / "out" / s).stat().st_size <= 20_000 + 4096 for s in shards)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert any(n.endswith("mlp.act.a") for n in index["weight_map"])
 
 
 def test_invalid_options():

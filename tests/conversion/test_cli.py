@@ -24,7 +24,7 @@ def test_convert_check_generate(source_dirs, tmp_path):
                    "--seq-len", "16", "--greedy-tokens", "8")
     assert done.returncode == 0, done.stderr
     assert "verdict" in done.stdout and "PASSED" in done.stdout
-    assert "converting" in done.stderr  # the progress bars
+    assert "calibrating" in done.stderr and "checking" in done.stderr  # the progress bars
     report = json.loads((out / "report.json").read_text())
     assert report["verdict"]["passed"] and len(report["checks"]["local"]) == 2
 
@@ -46,7 +46,7 @@ def test_float64_and_errors(source_dirs, tmp_path):
     done = run_cli("convert", source_dirs("gpt2-silu"), out, "--dtype", "float64", "--calibration-tokens", "32",
                    "--seq-len", "16", "--greedy-tokens", "4")
     assert done.returncode == 0, done.stderr
-    assert json.loads((out / "config.json").read_text())["dtype"] == "float64"
+    assert json.loads((out / "config.json").read_text())["attention_only"]["compute_dtype"] == "float64"
 
     missing = run_cli("convert", tmp_path / "nowhere", tmp_path / "x")
     assert missing.returncode == 2
@@ -55,6 +55,9 @@ def test_float64_and_errors(source_dirs, tmp_path):
 
     wrong_source = run_cli("check", out, source_dirs("llama-gqa"))
     assert wrong_source.returncode == 2 and "source_mismatch" in wrong_source.stderr
+
+    patterns = run_cli("architectures")
+    assert patterns.returncode == 0 and "kind=gated" in patterns.stdout and "up=c_fc" in patterns.stdout
 
     bad_ids = run_cli("generate", out, "--prompt-ids", "1,x")
     assert bad_ids.returncode == 2 and "Traceback" not in bad_ids.stderr

