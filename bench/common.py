@@ -170,37 +170,49 @@ def load_source(src: Path):
 
 
 def load_pair(name: str, root: Path):
-    """The source (transformers) and converted (fast path) models of a benchmark model,
-    built and converted on first use, announced with their heads per unit."""
+    """(source, converted, converted dir) of a benchmark model, built and converted on first use,
+    announced with their heads per unit. The converted model is the source's own transformers
+    class with head modules in place of its FFNs, on the fast head path."""
     from shared.conversion import load_converted
 
     src_dir, out_dir = prepare(name, root)
     source = load_source(src_dir)
-    converted = load_converted(out_dir, device="cpu", head_impl="fast")
+    converted = load_converted(out_dir, head_impl="fast")
     print(f"\n[{name}] {MODELS[name][3]}")
-    print(f"  heads per unit (config.json layers[i].sublayers[1:]): {heads_per_unit(out_dir)}")
-    return source, converted
+    print(f"  heads per unit (config.json attention_only.sites): {heads_per_unit(out_dir)}")
+    return source, converted, out_dir
+
+
+def set_head_impl(model, impl: str):
+    """"fast" (the O(n) path) or "dense" (one SDPA per head, O(n^2)) on every head module."""
+    for module in model.modules():
+        if hasattr(module, "impl"):
+            module.impl = impl
+    return model
 
 
 def heads_per_unit(out: Path) -> str:
-    """What config.json says about the head groups of every layer, compactly."""
-    config = json.loads((out / "config.json").read_text())
+    """What config.json plans for every FFN site, compactly."""
+    sites = json.loads((out / "config.json").read_text())["attention_only"]["sites"]
     descriptions = []
-    for layer in config["layers"]:
-        parts = []
-        for sub in layer["sublayers"][1:]:
-            if sub["kind"] in ("neuron", "gate"):
-                parts.append(f"{sub['kind']} {sub['heads_per_unit']}/unit")
-            elif sub["kind"] == "product":
-                parts.append(f"product {sub['heads'] // sub['units']}/unit")
-        descriptions.append(", ".join(parts))
+    for site in sites:
+        if site["kind"] == "plain":
+            descriptions.append(f"plain {site['activation']} {site['heads_per_unit']}/unit")
+        else:  # gated, experts: gate heads, then a product pair (2 heads) per unit
+            descriptions.append(f"{site['kind']} {site['activation']}: gate {site['heads_per_unit']}/unit "
+                                f"+ product pair 2/unit")
     if len(set(descriptions)) == 1:
-        return f"{descriptions[0]} (all {len(descriptions)} layers)"
-    return "; ".join(f"L{i}: {d}" for i, d in enumerate(descriptions))
+        return f"{descriptions[0]} (all {len(descriptions)} sites)"
+    return "; ".join(f"{site['path']}: {d}" for site, d in zip(sites, descriptions))
+
+
+def weight_files(directory: Path) -> list:
+    """model.safetensors, or its shards (model-0000i-of-0000n.safetensors)."""
+    return sorted(directory.glob("model*.safetensors"))
 
 
 def file_bytes(directory: Path) -> int:
-    return (directory / "model.safetensors").stat().st_size
+    return sum(path.stat().st_size for path in weight_files(directory))
 
 
 # --- timing ------------------------------------------------------------------------------

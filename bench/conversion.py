@@ -5,14 +5,18 @@
   (The source is in the page cache for both: it was just written, and every run reads it.)
 * Conversion: convert(src, out, ConversionOptions(checks=[], calibration_tokens=256,
   seq_len=64)) in a fresh child process per repeat; wall time of the convert() call only
-  (imports excluded); median. The child also reports where the time went: calibration,
-  activation fits (construct.mixture_for, timed by wrapping it) and streaming the weights.
+  (torch and shared.conversion imported before it; the transformers modeling modules that
+  convert() imports count); median. The child also reports where the time went, from
+  report.timings (calibrate_s: running the source and planning every site, activation fits
+  included; write_s: streaming the weights) and by wrapping construct.mixture_for (the
+  activation fits), StreamingSafetensorsWriter.write, and host.model_class + host.is_causal
+  (finding the source's transformers class: imports transformers' modeling modules).
 * Peak RSS: in each child VmHWM from /proc/self/status, raw, and net of a baseline child
   that only imports torch + shared.conversion; a sampling thread also records the peak
   anonymous and file-backed (memory-mapped safetensors) parts. Checkpoint size =
-  model.safetensors bytes. (ru_maxrss is printed too but not used: on Linux a child's
-  ru_maxrss starts from its parent's peak at fork and survives exec, so a child forked from
-  this parent, which has just built the model, reports the parent's ~1 GB.)
+  model.safetensors bytes (all shards). (ru_maxrss is printed too but not used: on Linux a
+  child's ru_maxrss starts from its parent's peak at fork and survives exec, so a child forked
+  from this parent, which has just built the model, reports the parent's ~1 GB.)
 
     .venv/bin/python bench/conversion.py            # GPT-2-small, all 12 layers (~500 MB fp32)
     .venv/bin/python bench/conversion.py --quick    # tiny smoke run
@@ -76,26 +80,24 @@ def child(args):
     import shared.conversion  # noqa: F401
     result = {"import_s": time.perf_counter() - t0}
     if args[0] == "convert":
-        from shared.conversion import ConversionOptions, construct, convert
-        from shared.conversion import convert as convert_module
+        from shared.conversion import ConversionOptions, construct, convert, host
         from shared.conversion import format as format_module
         src, out = args[1], args[2]
         fit = {}
         sampler = _Sampler()
         sampler.start()
         # where the time goes, by wrapping library functions (looked up at call time, so wrappable)
-        spans = [(construct, "mixture_for", "fit_s"), (convert_module, "plan_layer", "plan_s"),
-                 (format_module.StreamingSafetensorsWriter, "write", "writer_s")]
-        with common.accumulate_time([sp for sp in spans if hasattr(*sp[:2])], fit):
+        spans = [(construct, "mixture_for", "fit_s"), (format_module.StreamingSafetensorsWriter, "write", "writer_s"),
+                 (host, "model_class", "class_s"), (host, "is_causal", "class_s")]
+        with common.accumulate_time(spans, fit):
             t = time.perf_counter()
             report = convert(src, out, ConversionOptions(**common.CONVERT_OPTIONS))
             result["convert_s"] = time.perf_counter() - t
         sampler.stop.set()
         sampler.join()
-        result.update(timings=report.timings, fit_s=fit.get("fit_s", 0.0), plan_s=fit.get("plan_s"),
-                      writer_s=fit.get("writer_s"),
-                      peak_anon_bytes=sampler.peak["RssAnon"] * 1024, peak_file_bytes=sampler.peak["RssFile"] * 1024,
-                      transformers_imported="transformers" in sys.modules)
+        result.update(timings=report.timings, fit_s=fit.get("fit_s", 0.0), writer_s=fit.get("writer_s", 0.0),
+                      class_s=fit.get("class_s", 0.0),
+                      peak_anon_bytes=sampler.peak["RssAnon"] * 1024, peak_file_bytes=sampler.peak["RssFile"] * 1024)
     result["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
     result["vmhwm_bytes"] = _status_kb("VmHWM") * 1024
     print(RESULT_TAG + json.dumps(result), flush=True)
@@ -171,20 +173,17 @@ def main(argv=None):
     base = common.median([b["vmhwm_bytes"] for b in baselines])
     peak_anon = common.median([c["peak_anon_bytes"] for c in conversions])
     peak_file = common.median([c["peak_file_bytes"] for c in conversions])
-    t = conversions[len(conversions) // 2]
     print(f"  copies before: {', '.join(common.fmt_s(s) for s in copy_before)}; "
           f"after: {', '.join(common.fmt_s(s) for s in copy_after)}")
-    print(f"  conversions: {', '.join(common.fmt_s(c['convert_s']) for c in conversions)} "
-          f"(transformers imported by the conversion: {t['transformers_imported']})")
+    print(f"  conversions: {', '.join(common.fmt_s(c['convert_s']) for c in conversions)}")
     for i, c in enumerate(conversions):
-        cal_i, write_i = c["timings"].get("calibrate_s", 0.0), c["timings"].get("write_s", 0.0)
-        plan_i = c.get("plan_s") or c["fit_s"]
-        writer = (f" (of which StreamingSafetensorsWriter.write {common.fmt_s(c['writer_s'])}, reading + casting "
-                  f"source tensors and the rest {common.fmt_s(write_i - plan_i - c['writer_s'])})"
-                  if c.get("writer_s") is not None else "")
-        print(f"  conversion {i + 1} split: calibrate {common.fmt_s(cal_i)}, plan layers {common.fmt_s(plan_i)} "
-              f"(of which activation fits {common.fmt_s(c['fit_s'])}), stream weights {common.fmt_s(write_i - plan_i)}"
-              f"{writer}, load/other {common.fmt_s(c['convert_s'] - cal_i - write_i)}")
+        cal_i, write_i = c["timings"]["calibrate_s"], c["timings"]["write_s"]
+        print(f"  conversion {i + 1} split: calibrate {common.fmt_s(cal_i)} (of which activation fits "
+              f"{common.fmt_s(c['fit_s'])}), stream weights {common.fmt_s(write_i)} (of which "
+              f"StreamingSafetensorsWriter.write {common.fmt_s(c['writer_s'])}, reading + casting source tensors "
+              f"and the rest {common.fmt_s(write_i - c['writer_s'])}), load/other "
+              f"{common.fmt_s(c['convert_s'] - cal_i - write_i)} (of which finding the transformers class, "
+              f"imports included, {common.fmt_s(c['class_s'])})")
     print(f"  peak RSS (VmHWM): conversion child {', '.join(mb(c['vmhwm_bytes']) for c in conversions)}; "
           f"baseline child (import torch + shared.conversion) {', '.join(mb(b['vmhwm_bytes']) for b in baselines)}")
     print(f"  (ru_maxrss, inherited from this {mb(_status_kb('VmHWM') * 1024)} parent at fork, not used: conversion "

@@ -1,18 +1,21 @@
 """Converted-model forward vs the source's transformers forward, side by side.
 
 For each model (GPT-2-small widths, LLaMA-shaped; random weights, fp32, CPU, batch 1,
-torch.no_grad) and each length n: the source forward, the converted forward on the fast
-O(n) head path, and the dense reference path (one SDPA per head, O(n^2)), interleaved in
-every repeat; medians reported. Dense is measured once per n (three times when a run
-takes < 5 s) and skipped where its n^2 extrapolation exceeds --dense-limit seconds.
+torch.no_grad) and each length n: the source forward, and the converted forward
+(load_converted: the source's transformers class with head modules in place of its FFNs) on
+the fast O(n) head path, interleaved in every repeat, medians reported; and on the dense
+reference path (head modules' impl = "dense": one SDPA per head, O(n^2)), measured once per n
+(three times when a run takes < 5 s) and skipped where its n^2 extrapolation exceeds
+--dense-limit seconds.
 
 Sanity columns: fast vs dense (max |diff| / max |dense|) and fast vs source logits.
 Breakdown columns (measured during the timed runs, medians): wall time inside the head groups
 (fastpath.fast_head_group + fast_product_pairs, timed by wrapping them) vs the rest of the
 converted forward, and inside the source's activation module (forward hooks) vs the rest.
 At the largest n of the GPT-2 model, one more fast forward runs under torch.profiler and
-the top ops by self CPU time are printed. Every row also reports the first call's time
-(torch.compile of the fast path's kernels happens there).
+the top ops by self CPU time are printed. Every row also reports the first call's time.
+At the smallest n, fast and dense also run on the float64 model (load_converted(dtype="float64")),
+the reference of the 1e-6 accuracy target.
 
     .venv/bin/python bench/forward.py            # full (several minutes)
     .venv/bin/python bench/forward.py --quick    # tiny smoke run
@@ -70,9 +73,9 @@ def profile_split(converted, x, top=8):
 
 def bench_model(name, root, sizes, repeats_for, dense_limit, profile_at):
     import torch
-    from shared.conversion import fastpath
+    from shared.conversion import fastpath, load_converted
 
-    source, converted = common.load_pair(name, root)
+    source, converted, out_dir = common.load_pair(name, root)
     vocab = source.config.vocab_size
     print(f"  source attention implementation: {source.config._attn_implementation}", flush=True)
 
@@ -99,12 +102,12 @@ def bench_model(name, root, sizes, repeats_for, dense_limit, profile_at):
         def run_fast():
             totals = {}
             with common.accumulate_time(heads_targets, totals):
-                wall, cpu, out = common.timed_cpu(lambda: converted(x))
+                wall, cpu, out = common.timed_cpu(lambda: converted(x).logits)
             fast_calls.append((wall, cpu, totals.get("heads", 0.0)))
             return out
 
         with torch.no_grad():
-            warm_fast, _ = common.timed(lambda: converted(x))  # compiles the fast path's kernels on first use
+            warm_fast, _ = common.timed(lambda: converted(x))
             common.timed(lambda: source(x))
             for r in range(repeats):
                 if r % 2 == 0:
@@ -117,25 +120,23 @@ def bench_model(name, root, sizes, repeats_for, dense_limit, profile_at):
             if estimate is not None and estimate > dense_limit:
                 dense_note = f"skipped (est. {estimate:.0f} s)"
             else:
-                converted.set_head_impl("dense")
+                common.set_head_impl(converted, "dense")
                 try:
-                    s, dense_out = common.timed(lambda: converted(x))
+                    s, dense_out = common.timed(lambda: converted(x).logits)
                     t_dense.append(s)
                     if s < 5.0:
                         t_dense += [common.timed(lambda: converted(x))[0] for _ in range(2)]
                 finally:
-                    converted.set_head_impl("fast")
+                    common.set_head_impl(converted, "fast")
                 dense_prev = (n, common.median(t_dense))
                 agree, dense_vs_source = common.rel_diff(fast_out, dense_out), common.rel_diff(dense_out, ref)
             if n == sizes[0]:
                 # the accuracy target's reference: dense heads in float64 (fp32 dense loses ~1/eps on product pairs)
-                converted.double()
-                try:
-                    fast64 = converted(x)
-                    converted.set_head_impl("dense")
-                    s64, dense64 = common.timed(lambda: converted(x))
-                finally:
-                    converted.float().set_head_impl("fast")
+                model64 = load_converted(out_dir, dtype="float64")
+                fast64 = model64(x).logits
+                common.set_head_impl(model64, "dense")
+                s64, dense64 = common.timed(lambda: model64(x).logits)
+                del model64
                 fp64_diff = common.rel_diff(fast64, dense64)
                 notes.append(f"  float64 model, n={n}: fast vs dense max rel diff {fp64_diff:.1e} (target <= 1e-6); "
                              f"against that dense fp64 reference: fast fp32 {common.rel_diff(fast_out, dense64):.1e}, "
@@ -187,7 +188,7 @@ def bench_model(name, root, sizes, repeats_for, dense_limit, profile_at):
     common.print_table(
         f"forward: {name}, agreement (max |diff| / max |ref| of logits) and where the time goes (medians)",
         ["n", "fast vs dense", "fast vs src", "dense vs src", "fast: in head groups", "fast: rest",
-         "src: in activation", "src: rest", "fast 1st call (compile)"],
+         "src: in activation", "src: rest", "fast 1st call"],
         check_rows)
     for line in notes:
         print(line)

@@ -2,7 +2,7 @@
 one work directory so each model is built and converted once, then print the final table.
 
     .venv/bin/python bench/run_all.py                    # full run (~10-15 min on 2 CPU cores)
-    .venv/bin/python bench/run_all.py --quick            # tiny smoke run (~30 s)
+    .venv/bin/python bench/run_all.py --quick            # tiny smoke run (~80 s on 2 busy CPU cores)
     .venv/bin/python bench/run_all.py --workdir /tmp/b   # keep the checkpoints for later runs
 """
 import json

@@ -165,6 +165,12 @@ def _write(out: Path, source: Source, config: dict, head_tensors: dict, options,
     sites = find_sites(converted, causal=source.causal, encoder_decoder=source.encoder_decoder)
     host.swap_in(converted, sites, config[SECTION]["sites"], None)
     aliases = tied_aliases(converted)
+    if hasattr(source.weights, "names"):  # names that read the same checkpoint tensor as an earlier one
+        first = {}
+        for n in converted.state_dict():
+            hf = source.weights.names.get(n)
+            if hf is not None and first.setdefault(hf, n) != n:
+                aliases[n] = first[hf]
     buffers = {n for n, _ in converted.named_buffers()}
     names = [n for n in converted.state_dict() if n not in aliases and (n in head_tensors or n in source.weights)
              and not (n in buffers and n not in source.weights)]

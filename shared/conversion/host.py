@@ -44,8 +44,10 @@ def model_class(config: transformers.PretrainedConfig):
 
 def is_causal(cls, config) -> bool:
     """Whether the model's (decoder) FFNs see a causal mask: causal LMs and decoders."""
-    causal_classes = set(transformers.AutoModelForCausalLM._model_mapping.values())
-    return cls in causal_classes or bool(getattr(config, "is_decoder", False)) or cls.__name__.endswith("ForCausalLM")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # names: no import of every model module
+    return cls.__name__ in causal_names or bool(getattr(config, "is_decoder", False)) or cls.__name__.endswith("ForCausalLM")
 
 
 def build_empty(cls, config, dtype: torch.dtype) -> nn.Module:

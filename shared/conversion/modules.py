@@ -32,7 +32,8 @@ class DecodeContext:
         model.register_forward_hook(self._leave, always_call=True)
 
     def _enter(self, module, args, kwargs):
-        self.cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache")  # transformers 5 names it cache; earlier releases past_key_values
+        self.cache = cache if cache is not None else kwargs.get("past_key_values")
         mask = kwargs.get("attention_mask")
         self.mask = mask if self.use_mask and isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 

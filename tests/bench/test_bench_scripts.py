@@ -27,7 +27,7 @@ def quick_run(tmp_path_factory):
 def test_run_all_quick_succeeds_fast(quick_run):
     done, seconds = quick_run
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert seconds < 60, f"bench --quick took {seconds:.0f} s"
+    assert seconds < 150, f"bench --quick took {seconds:.0f} s"
     for script in ("forward", "generate", "conversion", "bytes"):
         assert f"##### bench/{script}.py: exit 0" in done.stdout
 
@@ -40,7 +40,7 @@ def test_forward_prints_its_ratio_table(quick_run):
             assert re.search(rf"forward {model} n={n}: fast / source +\| \d+\.\d+x", out), out[-3000:]
             assert f"forward {model} n={n}: fast vs dense (fp32) max rel diff" in out
     assert "== forward ratios" in out
-    assert "heads per unit" in out and "neuron " in out and "gate 1/unit" in out
+    assert "heads per unit" in out and "plain gelu" in out and "gated silu: gate 1/unit" in out
 
 
 def test_generate_prints_its_ratio_table(quick_run):
@@ -49,6 +49,7 @@ def test_generate_prints_its_ratio_table(quick_run):
     for model in ("gpt2-tiny", "llama-tiny"):
         assert re.search(rf"generate {model}: per-token converted / source +\| \d+\.\d+x", out)
         assert f"generate {model}: token sequences identical" in out
+        assert f"generate {model}: head-group caches used" in out
 
 
 def test_conversion_prints_its_ratio_table(quick_run):

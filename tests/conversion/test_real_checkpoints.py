@@ -6,7 +6,7 @@ import torch
 
 from shared.conversion import ConversionOptions, convert, load_converted
 
-from ..real_checkpoints import available
+from real_checkpoints import available  # tests/ is on sys.path (pytest's rootdir-based import)
 
 CHECKPOINTS = available()
 
