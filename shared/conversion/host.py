@@ -24,8 +24,15 @@ _AUTO_ORDER = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModel")
 def load_config(directory) -> transformers.PretrainedConfig:
     try:
         return transformers.AutoConfig.from_pretrained(str(directory))
-    except (ValueError, KeyError) as exc:
-        raise UnsupportedArchitectureError(f"transformers cannot read this config: {exc}") from None
+    except (ValueError, KeyError):
+        import json
+        from pathlib import Path
+
+        raw = json.loads((Path(directory) / "config.json").read_text())
+        named = ", ".join(raw.get("architectures") or []) or "the model"
+        raise UnsupportedArchitectureError(
+            f"{named} (model_type {raw.get('model_type')!r}) is not a model type transformers "
+            f"{transformers.__version__} knows, so it has no class to host the conversion") from None
 
 
 def model_class(config: transformers.PretrainedConfig):
