@@ -687,11 +687,30 @@ class _S3Remote:
 
 # --- the model directory --------------------------------------------------------------
 
-def _download_hf_directory(remote, model_dir: Path, meter: _Meter, limits: FetchLimits) -> None:
-    """config.json, then model.safetensors, or the index and its shards, or (if allowed) a pickle."""
+# Files a directory may carry beside its weights (the tokenizer the conversion calibrates
+# with); each is optional, and each is capped.
+OPTIONAL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                  "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
+                  "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja")
+MAX_OPTIONAL_FILE_BYTES = 64 * 2**20
+
+
+def _download_hf_directory(remote, model_dir: Path, meter: _Meter, limits: FetchLimits,
+                           on_config: Callable[[Path], None] | None = None) -> None:
+    """config.json (then `on_config(model_dir)`, which may refuse the model before any weights
+    come), the tokenizer's files where present, then model.safetensors, or the index and its
+    shards, or (if allowed) a pickle."""
     config_cap = (MAX_CONFIG_BYTES, FetchError("config_invalid", f"config.json is larger than {MAX_CONFIG_BYTES} bytes"))
     remote.download(CONFIG_FILE, model_dir / CONFIG_FILE, meter, config_cap)
     validate_config(model_dir / CONFIG_FILE)
+    if on_config is not None:
+        on_config(model_dir)
+    for name in OPTIONAL_FILES:
+        cap = (MAX_OPTIONAL_FILE_BYTES, FetchError("download_too_large", f"{name} is larger than {MAX_OPTIONAL_FILE_BYTES} bytes"))
+        try:
+            remote.download(name, model_dir / name, meter, cap)
+        except _NotFound:
+            pass
     try:
         remote.download(SAFETENSORS_FILE, model_dir / SAFETENSORS_FILE, meter)
         return
@@ -731,7 +750,7 @@ def _is_archive(path: str) -> bool:
     return path.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _download(url: ParsedUrl, staging: Path, limits: FetchLimits, meter: _Meter) -> Path:
+def _download(url: ParsedUrl, staging: Path, limits: FetchLimits, meter: _Meter, on_config=None) -> Path:
     remote = _S3Remote(url, limits) if url.scheme == "s3" else _HttpRemote(url, limits)
     try:
         if _is_archive(url.path):
@@ -739,10 +758,14 @@ def _download(url: ParsedUrl, staging: Path, limits: FetchLimits, meter: _Meter)
             remote.download(None, archive, meter)
             tree = staging / "tree"
             tree.mkdir()
-            return extract_archive(archive, tree, limits)
+            model_dir = extract_archive(archive, tree, limits)
+            if on_config is not None and (model_dir / CONFIG_FILE).is_file():
+                validate_config(model_dir / CONFIG_FILE)
+                on_config(model_dir)
+            return model_dir
         model_dir = staging / "model"
         model_dir.mkdir()
-        _download_hf_directory(remote, model_dir, meter, limits)
+        _download_hf_directory(remote, model_dir, meter, limits, on_config)
         return model_dir
     finally:
         remote.close()
@@ -763,8 +786,12 @@ def _publish(model_dir: Path, dest_dir: Path) -> None:
         entry.replace(dest_dir / entry.name)
 
 
-def fetch_source(url: str, dest_dir: Path, limits: FetchLimits, progress: Progress | None = None) -> Path:
+def fetch_source(url: str, dest_dir: Path, limits: FetchLimits, progress: Progress | None = None,
+                 on_config: Callable[[Path], None] | None = None) -> Path:
     """Download the model at `url` into `dest_dir` and return `dest_dir`.
+
+    `on_config(directory)` runs as soon as config.json is in (for a directory URL: before any
+    weights are requested), and may raise to refuse the model without downloading it.
 
     `dest_dir` belongs to the fetch: anything already in it is removed first (a job
     delivered again after a crash starts clean), and it is left empty on any failure.
@@ -779,7 +806,7 @@ def fetch_source(url: str, dest_dir: Path, limits: FetchLimits, progress: Progre
     try:
         parsed = parse_url(url)
         meter = _Meter(limits.max_download_bytes, progress)
-        model_dir = _download(parsed, staging, limits, meter)
+        model_dir = _download(parsed, staging, limits, meter, on_config)
         validate_model_dir(model_dir, limits)
         _publish(model_dir, dest_dir)
     except BaseException:

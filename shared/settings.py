@@ -156,6 +156,11 @@ class Settings(BaseSettings):
     max_unpacked_bytes: int = Field(40 * GiB, ge=1)
     # Pickle checkpoints (pytorch_model.bin) can run code when loaded; off unless asked for.
     allow_pickle: bool = False
+    # What one conversion may use on a worker; a job whose estimate (from config.json, before
+    # any weights are downloaded) exceeds either fails at once with too_large_for_worker.
+    # None: 85 % of the machine's memory / the free space under work_dir when the job starts.
+    worker_memory_bytes: Optional[int] = Field(None, ge=1)
+    worker_disk_bytes: Optional[int] = Field(None, ge=1)
 
     @field_validator("fetch_allow_hosts", mode="before")
     @classmethod
@@ -214,6 +219,20 @@ class Settings(BaseSettings):
     @property
     def public_s3_endpoint(self) -> Optional[str]:
         return self.s3_public_endpoint_url or self.s3_endpoint_url
+
+    def memory_budget(self) -> int:
+        if self.worker_memory_bytes is not None:
+            return self.worker_memory_bytes
+        import os
+
+        return int(0.85 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+    def disk_budget(self, directory: Path) -> int:
+        if self.worker_disk_bytes is not None:
+            return self.worker_disk_bytes
+        import shutil
+
+        return shutil.disk_usage(directory).free
 
     def fetch_limits(self, owner: Optional[str] = None) -> "FetchLimits":
         """The limits of one download; s3:// sources are checked against ``owner``'s

@@ -291,14 +291,22 @@ def _pipeline(job, workdir: Path, settings: Settings, store: JobStore, storage: 
     source, out = workdir / "source", workdir / "out"
     source.mkdir(parents=True)
 
-    reporter.download(0, None)  # the first write: it also notices a cancel asked meanwhile
-    fetch(job.source_url, source, settings.fetch_limits(owner=job.owner), progress=reporter.download)
-    if cancelled():
-        raise JobCancelled()
-
     options = ConversionOptions(
         **job.options.to_conversion_kwargs(), device=device, allow_pickle=settings.allow_pickle
     )
+
+    def preflight(directory: Path) -> None:
+        """From config.json alone, before the weights: refuse what cannot convert or cannot fit."""
+        from shared.conversion.preflight import preflight as estimate
+
+        estimate(directory, options, settings.memory_budget(), settings.disk_budget(workdir))
+
+    reporter.download(0, None)  # the first write: it also notices a cancel asked meanwhile
+    fetch(job.source_url, source, settings.fetch_limits(owner=job.owner), progress=reporter.download,
+          on_config=preflight)
+    if cancelled():
+        raise JobCancelled()
+
     report = convert(source, out, options, progress=reporter.stage, should_cancel=cancelled)
     if cancelled():
         raise JobCancelled()

@@ -54,3 +54,7 @@ class ConversionCancelled(ConversionError):
 
 class SourceMismatchError(ConversionError):
     code = "source_mismatch"
+
+
+class TooLargeForWorkerError(ConversionError):
+    code = "too_large_for_worker"
