@@ -43,6 +43,8 @@ def exact_activation(name: str, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
     if name == "relu":
         return torch.relu(x)
+    if name == "relu2":  # squared ReLU = relu(x) * x: a ReLU gate times the value, a product (DESIGN.md §4)
+        return torch.relu(x) * x
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -53,7 +55,7 @@ def mixture_for(name: str, input_range: float, tolerance: float, max_heads: int 
         return Mixture((1.0,), (0.0,), (1.0,), 0.0, math.inf)
     if name == "quick_gelu":
         return Mixture((1.702,), (0.0,), (1.0,), 0.0, math.inf)
-    if name == "relu":
+    if name in ("relu", "relu2"):  # relu2: the mixture of its ReLU gate
         return relu_mixture(input_range, tolerance)
     fit_range = _range_bucket(input_range)
     budget = tolerance * fit_range

@@ -44,7 +44,9 @@ def site_stats(site: Site, inputs, work: SiteWork) -> SiteStats:
     from .activations import exact_activation
 
     if isinstance(site.pattern, Plain):
-        return SiteStats(inputs[0].detach().double().abs().max())
+        u = inputs[0].detach().double().reshape(-1, site.units)
+        gate_out = torch.relu(u).amax(0) if site.activation == "relu2" else None  # (F,): the ReLU gate's range
+        return SiteStats(u.abs().max(), gate_out)
     module = work._module(None, torch.float64)
     x = inputs[0].detach().double()
     p = site.pattern

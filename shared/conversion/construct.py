@@ -62,14 +62,15 @@ def plan_site(site: Site, stats: SiteStats, tolerance: float, context: int, budg
     }
     abc = {name: torch.tensor(values, dtype=torch.float64)[:, None].expand(-1, site.units).to(HEAD_DTYPE).contiguous()
            for name, values in (("a", mixture.a), ("c", mixture.c), ("g", mixture.g))}  # (M, F) each
-    if not isinstance(site.pattern, (Gated, Experts)):
+    squared = site.activation == "relu2"
+    if not isinstance(site.pattern, (Gated, Experts)) and not squared:
         return plan, abc
     # product pairs: (2/eps) tanh(eps s / 2) = s (1 - eps^2 s^2 / 12 + ...), per unit
     s_range = (RANGE_MARGIN * stats.gate_out_abs.double()).clamp_min(1e-6)  # (F,) or (E, F)
     eps = math.sqrt(12 * budget.product * tolerance) / s_range
     plan.update(heads=plan["heads"] + 2 * site.units, eps_min=float(eps.min()), eps_max=float(eps.max()),
                 product_omega=leak_omega(OMEGA_RANGE * float((eps * s_range).max()), context, tolerance, budget.leak))
-    if isinstance(site.pattern, Gated):
+    if isinstance(site.pattern, Gated) or squared:
         return plan, {**{f"gate_heads.{k}": v for k, v in abc.items()}, "product.eps": eps.to(HEAD_DTYPE)}
     experts = eps.shape[0]
     plan["heads"] *= experts

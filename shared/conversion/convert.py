@@ -61,7 +61,7 @@ class Source:
         self.checkpoint = SourceCheckpoint(directory, allow_pickle=options.allow_pickle)
         self.config = host.load_config(directory)
         self.cls = host.model_class(self.config)
-        self.encoder_decoder = bool(getattr(self.config, "is_encoder_decoder", False))
+        self.encoder_decoder = host.is_encoder_decoder(self.cls, self.config)
         self.causal = host.is_causal(self.cls, self.config)
         self.dtype = TORCH_DTYPES[options.dtype]
         self.storage_dtype = storage_dtype(self.checkpoint)

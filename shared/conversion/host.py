@@ -15,7 +15,7 @@ from accelerate import cpu_offload, init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
 from .errors import UnsupportedArchitectureError
-from .modules import DecodeContext, GatedHeads, HeadExperts, NeuronHeads, ProductHeads
+from .modules import DecodeContext, GatedHeads, HeadExperts, NeuronHeads, ProductHeads, SquaredHeads
 from .patterns import Experts, Gated, Plain, Site
 
 _AUTO_ORDER = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModel")
@@ -57,6 +57,12 @@ def is_causal(cls, config) -> bool:
     return cls.__name__ in causal_names or bool(getattr(config, "is_decoder", False)) or cls.__name__.endswith("ForCausalLM")
 
 
+def is_encoder_decoder(cls, config) -> bool:
+    """An encoder-decoder model; a causal LM built from an encoder-decoder's config (BartForCausalLM)
+    is a decoder alone."""
+    return bool(getattr(config, "is_encoder_decoder", False)) and not cls.__name__.endswith("ForCausalLM")
+
+
 def build_empty(cls, config, dtype: torch.dtype) -> nn.Module:
     """The model on the meta device (buffers such as rotary frequencies stay real)."""
     config = copy.deepcopy(config)
@@ -80,8 +86,7 @@ def swap_in(model: nn.Module, sites: list[Site], plans: list[dict], context: Dec
         pattern = site.pattern
         with torch.device("meta"):
             if isinstance(pattern, Plain):
-                heads = NeuronHeads(plan["heads_per_unit"], site.units, plan["omega"], site.causal, context)
-                _set(model, site.join(pattern.act), heads)
+                _set(model, site.join(pattern.act), plain_heads(site, plan, context))
             elif isinstance(pattern, Gated):
                 names = [n for n in (pattern.gate, pattern.up, pattern.down, pattern.fused) if n]
                 projections = {n: module.get_submodule(n) for n in names}
@@ -92,6 +97,14 @@ def swap_in(model: nn.Module, sites: list[Site], plans: list[dict], context: Dec
             elif isinstance(pattern, Experts):
                 experts, _, d_model = getattr(module, pattern.gate_up).shape
                 _set(model, site.path, HeadExperts(experts, site.units, d_model, plan["heads_per_unit"]))
+
+
+def plain_heads(site: Site, plan: dict, context: DecodeContext | None) -> nn.Module:
+    """What takes a plain FFN's activation's place: neuron heads, or for squared ReLU gate heads and product pairs."""
+    heads = NeuronHeads(plan["heads_per_unit"], site.units, plan["omega"], site.causal, context)
+    if site.activation != "relu2":
+        return heads
+    return SquaredHeads(heads, ProductHeads(site.units, plan["product_omega"], site.causal, context))
 
 
 def head_module_names(site: Site) -> str:

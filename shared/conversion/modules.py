@@ -120,6 +120,18 @@ class ProductHeads(nn.Module):
         return f"pairs={self.eps.shape[0]}, omega={self.omega:.4g}, causal={self.causal}"
 
 
+class SquaredHeads(nn.Module):
+    """Squared ReLU, relu(u) * u, in place of a plain FFN's activation: ReLU gate heads then
+    product pairs with the value u (a gated FFN whose gate and up projections coincide)."""
+
+    def __init__(self, gate_heads: NeuronHeads, product: ProductHeads):
+        super().__init__()
+        self.gate_heads, self.product = gate_heads, product
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.product(self.gate_heads(u), u)
+
+
 class GatedHeads(nn.Module):
     """Takes the place of a gated FFN module. The source's projection modules stay children
     under their own names (so their weights keep their names and dtype); the activation and

@@ -64,6 +64,7 @@ PATTERNS = (
     Plain(act="act", up="wi", down="wo"),                                 # t5 (relu)
     Plain(act="act_fn", up="up_proj", down="down_proj"),
     Plain(act="intermediate.intermediate_act_fn", up="intermediate.dense", down="output.dense"),  # bert, roberta
+    Plain(act="1", up="0", down="2"),                                     # ctrl: nn.Sequential(Linear, ReLU, Linear)
 )
 
 # Class names that look like an FFN: one that no pattern covers is refused, not left in place.
@@ -101,7 +102,9 @@ def _is_projection(module) -> bool:
 
 
 def _is_activation(module) -> bool:
-    return isinstance(module, nn.Module) and not any(True for _ in module.parameters())
+    """A parameter-free module that is not a projection or a container of others."""
+    return (isinstance(module, nn.Module) and not any(True for _ in module.parameters())
+            and not any(True for _ in module.children()))
 
 
 def _matches(module: nn.Module, pattern) -> bool:
@@ -132,12 +135,12 @@ def identify_activation(act: nn.Module, where: str, samples: torch.Tensor | None
     x = PROBE if samples is None else torch.cat((PROBE, samples.detach().double().reshape(-1)))
     with torch.no_grad():
         y = act(x.clone())
-    for name in ("silu", "gelu_erf", "gelu_tanh", "quick_gelu", "relu"):
+    for name in ("silu", "gelu_erf", "gelu_tanh", "quick_gelu", "relu", "relu2"):
         target = exact_activation(name, x)
         if float((y.double() - target).abs().max()) <= 1e-6 * max(float(target.abs().max()), 1.0):
             return name
     raise UnsupportedArchitectureError(
-        f"{where}: activation {type(act).__name__} is none of silu, gelu (erf or tanh), quick_gelu, relu "
+        f"{where}: activation {type(act).__name__} is none of silu, gelu (erf or tanh), quick_gelu, relu, relu² "
         "(compared numerically in float64); it cannot be rebuilt from attention heads")
 
 

@@ -41,7 +41,7 @@ def estimate(directory, options: ConversionOptions) -> Estimate:
     compute = TORCH_DTYPES[options.dtype]
     model = host.build_empty(cls, config, compute)
     sites = find_sites(model, causal=host.is_causal(cls, config),
-                       encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)))
+                       encoder_decoder=host.is_encoder_decoder(cls, config))
     if not sites:
         raise UnsupportedArchitectureError(f"{cls.__name__} has no FFN that any known pattern matches")
     sizes = {id(p): p.numel() for p in model.parameters()}

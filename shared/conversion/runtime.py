@@ -24,7 +24,7 @@ def load_converted(path, device=None, dtype: str | None = None, layerwise: bool 
     cls = host.model_class(config)
     compute = TORCH_DTYPES[dtype or section["compute_dtype"]]
     model = host.build_empty(cls, config, compute)
-    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    encoder_decoder = host.is_encoder_decoder(cls, config)
     sites = find_sites(model, causal=host.is_causal(cls, config), encoder_decoder=encoder_decoder)
     plans = section["sites"]
     if [s.path for s in sites] != [p["path"] for p in plans]:

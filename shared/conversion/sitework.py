@@ -75,7 +75,9 @@ class SiteWork:
         """The site's head modules (no decoding context), with the source weights, in dtype."""
         p = self.site.pattern
         if isinstance(p, Plain):
-            heads = NeuronHeads(plan["heads_per_unit"], self.site.units, plan["omega"], self.site.causal, None)
+            from .host import plain_heads
+
+            heads = plain_heads(self.site, plan, None)
             _load(heads, tensors, dtype)
             return _PlainSite(heads, self._module(p.down, dtype))
         if isinstance(p, Gated):

@@ -38,6 +38,9 @@ ARCHITECTURES = {  # test id -> (model_type, Auto class, config overrides)
     "qwen2_moe": ("qwen2_moe", CAUSAL, {}),
     "qwen3_moe": ("qwen3_moe", CAUSAL, {}),
     "olmoe": ("olmoe", CAUSAL, {}),
+    "arcee": ("arcee", CAUSAL, {}),  # squared ReLU: gate heads and product pairs on one projection
+    "ctrl": ("ctrl", CAUSAL, {}),  # the FFN is an nn.Sequential
+    "bart-decoder": ("bart", CAUSAL, {}),  # a causal LM built from an encoder-decoder's config
     "bert": ("bert", "AutoModel", {}),
     "roberta": ("roberta", "AutoModel", {}),
     "xlm-roberta": ("xlm-roberta", "AutoModel", {}),

@@ -9,6 +9,8 @@ SHRINK = {
     "hidden_size": 32, "n_embd": 32, "d_model": 32, "dim": 32, "hidden_dim": 64,
     "intermediate_size": 64, "n_inner": 64, "ffn_dim": 64, "d_ff": 64, "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 48, "intermediate_size_mlp": 64,
+    "encoder_layers": 2, "decoder_layers": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+    "decoder_attention_heads": 4,
     "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2, "num_decoder_layers": 2,
     "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "n_heads": 4, "encoder_attention_heads": 4,
     "num_key_value_heads": 2, "head_dim": 8, "d_kv": 8, "kv_channels": 8,
