@@ -160,3 +160,10 @@ def job_out(request: Request, job: Job) -> JobOut:
         ],
         links=job_links(request, job.id),
     )
+
+
+class Architectures(BaseModel):
+    """GET /v1/architectures."""
+
+    patterns: list[dict[str, str]] = Field(description="FFN shapes: kind (plain, gated, experts) and attribute names")
+    model_types: dict[str, Any] = Field(description="model types a sweep saw convert and pass, with its date and transformers version")

@@ -115,8 +115,17 @@ def main(argv=None) -> int:
             print(summary_table(report))
             return 0 if report.passed else 1
         if args.command == "architectures":
+            import json
+
+            from .patterns import TABLE_FILE
+
+            print("FFN patterns (a model converts when each of its FFNs matches one):")
             for row in describe_patterns():
-                print("  ".join(f"{k}={v}" for k, v in row.items()))
+                print("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
+            seen = json.loads(TABLE_FILE.read_text())["model_types"]
+            if seen:
+                print(f"\nmodel types seen to convert (transformers {seen['transformers']}, {seen['measured']}):")
+                print("  " + ", ".join(seen["converted"]))
             return 0
         model = load_converted(args.out, device="cpu")
         if not hasattr(model, "generate") or model.get_output_embeddings() is None:

@@ -19,7 +19,8 @@ from .sitework import SiteWork
 
 VERIFY_TOLERANCE = 1e-6  # the pattern's reconstruction vs the module's own forward, float64
 RESIZE_ATTEMPTS = 4
-MARGIN = 0.5  # a site is accepted when its calibration error is at most MARGIN x tolerance
+MARGIN = 0.25  # a site is accepted when its calibration error is at most MARGIN x tolerance: check
+# tokens reach further than calibration tokens, and the verdict wants half the tolerance there
 
 
 def hook_site(model: nn.Module, site: Site, on_inputs) -> torch.utils.hooks.RemovableHandle:

@@ -11,6 +11,7 @@ Paths are relative to the matched module and may be dotted (BERT's FFN spans two
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -187,6 +188,9 @@ def _refuse_unknown_ffns(model: nn.Module, sites: list[Site]) -> None:
 
 def _paths(pattern) -> list[str]:
     return [v for v in (getattr(pattern, k, None) for k in ("act", "up", "down", "gate", "fused")) if isinstance(v, str)]
+
+
+TABLE_FILE = Path(__file__).with_name("architectures.json")  # made by tools/make_architectures_table.py
 
 
 def describe_patterns() -> list[dict]:
