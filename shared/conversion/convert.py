@@ -18,8 +18,8 @@ from . import checks, host
 from .calibrate import Calibrator, LocalCheck, hook_site
 from .checkpoint import SourceCheckpoint, storage_dtype
 from .errors import ConversionCancelled, InvalidOptionsError, SourceMismatchError, UnsupportedArchitectureError
-from .format import (CONFIG_FILE, DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, REPORT_FILE, SECTION, TOKENIZER_FILES,
-                     TORCH_DTYPES, ShardedWriter, read_config)
+from .format import (CONFIG_FILE, DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, REMOTE_CODE_FILE, REPORT_FILE, SECTION,
+                     TOKENIZER_FILES, TORCH_DTYPES, ShardedWriter, read_config, remote_code)
 from .inputs import calibration_batch, check_batch, load_tokenizer
 from .options import ConversionOptions
 from .patterns import find_sites
@@ -185,7 +185,9 @@ def _write(out: Path, source: Source, config: dict, head_tensors: dict, options,
                 written_layers.add(layer)
                 progress("writing", len(written_layers), max(s.layer for s in sites) + 1)
             writer.write(name, head_tensors[name] if name in head_tensors else source.weights[name].contiguous())
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    code, auto_map = remote_code(source.cls, type(source.config))
+    (out / REMOTE_CODE_FILE).write_text(code)
+    (out / CONFIG_FILE).write_text(json.dumps({**config, "auto_map": auto_map}, indent=2))
     for name in TOKENIZER_FILES:
         if (source.directory / name).is_file():
             shutil.copyfile(source.directory / name, out / name)

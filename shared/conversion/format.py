@@ -140,3 +140,40 @@ def read_config(directory) -> dict:
         raise InvalidConvertedCheckpointError(
             f"format version {section.get('format_version')} is not readable by this release (reads {FORMAT_VERSION})")
     return config
+
+
+REMOTE_CODE_FILE = "modeling_attention_only.py"
+_AUTO_CLASSES = {"AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+                 "AutoModelForSeq2SeqLM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModel": "MODEL_MAPPING_NAMES"}
+
+
+def remote_code(model_class: type, config_class: type) -> tuple[str, dict]:
+    """(the text of modeling_attention_only.py, the config's auto_map) that let transformers' Auto
+    classes load the converted directory with trust_remote_code=True. The file holds no model
+    code: it hands the directory to this package's load_converted, which must be installed."""
+    from transformers.models.auto import modeling_auto
+
+    name = f"AttentionOnly{model_class.__name__}"
+    source = f'''"""Loads this attention-only checkpoint through transformers' Auto classes:
+    AutoModel...from_pretrained(directory, trust_remote_code=True)
+The heads live in the attnonly package (shared.conversion), which must be importable."""
+from transformers import {config_class.__name__}, {model_class.__name__}
+
+
+class {name}({model_class.__name__}):
+    config_class = {config_class.__name__}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        from shared.conversion import load_converted
+
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        name = str(dtype).replace("torch.", "") if dtype not in (None, "auto") else None
+        return load_converted(pretrained_model_name_or_path, dtype=name)
+'''
+    auto = {}
+    for auto_name, mapping in _AUTO_CLASSES.items():
+        if model_class.__name__ in getattr(modeling_auto, mapping).values():
+            auto[auto_name] = f"modeling_attention_only.{name}"
+    auto.setdefault("AutoModel", f"modeling_attention_only.{name}")
+    return source, auto

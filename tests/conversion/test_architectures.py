@@ -117,3 +117,17 @@ def test_sampling_generate_runs(tmp_path):
     ref = source.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=12,
                           min_new_tokens=12, pad_token_id=0)
     assert torch.equal(ours, ref)
+
+
+def test_auto_classes_load_the_converted_directory(tmp_path):
+    """transformers' Auto classes (trust_remote_code) hand the directory to load_converted."""
+    from transformers import AutoModelForCausalLM
+
+    source = build("qwen2", CAUSAL)
+    save(source, tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", ConversionOptions(calibration_tokens=64, seq_len=16, checks=[]))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert remaining_ffns(model) == [] and model.attention_only["format_version"] == 2
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, source(ids).logits, atol=1e-4)
