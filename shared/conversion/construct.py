@@ -60,8 +60,9 @@ def plan_site(site: Site, stats: SiteStats, tolerance: float, context: int, budg
         "omega": leak_omega(OMEGA_RANGE * max_key, context, tolerance, budget.leak), "input_range": input_range,
         "fit_max_abs_error": mixture.max_abs_error,
     }
-    abc = {name: torch.tensor(values, dtype=torch.float64)[:, None].expand(-1, site.units).to(HEAD_DTYPE).contiguous()
-           for name, values in (("a", mixture.a), ("c", mixture.c), ("g", mixture.g))}  # (M, F) each
+    # one mixture serves every unit of a site: (M, 1) each, broadcast over the F units
+    abc = {name: torch.tensor(values, dtype=torch.float64)[:, None].to(HEAD_DTYPE)
+           for name, values in (("a", mixture.a), ("c", mixture.c), ("g", mixture.g))}
     squared = site.activation == "relu2"
     if not isinstance(site.pattern, (Gated, Experts)) and not squared:
         return plan, abc
@@ -74,4 +75,5 @@ def plan_site(site: Site, stats: SiteStats, tolerance: float, context: int, budg
         return plan, {**{f"gate_heads.{k}": v for k, v in abc.items()}, "product.eps": eps.to(HEAD_DTYPE)}
     experts = eps.shape[0]
     plan["heads"] *= experts
-    return plan, {**{k: v[None].expand(experts, -1, -1).contiguous() for k, v in abc.items()}, "eps": eps.to(HEAD_DTYPE)}
+    per_expert = {k: v[None].expand(experts, -1, -1).contiguous() for k, v in abc.items()}  # (E, M, 1)
+    return plan, {**per_expert, "eps": eps.to(HEAD_DTYPE)}

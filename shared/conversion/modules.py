@@ -58,20 +58,21 @@ class DecodeContext:
 
 def _self_only(u, a, c, g):
     """Each token sees only itself and the null slot: out = sum_m g_m u sigma(a_m u + c_m). u (N, F)."""
-    a, c, g = (t.to(u.dtype) for t in (a, c, g))  # (M, F)
+    a, c, g = (t.to(u.dtype) for t in (a, c, g))  # (M, F) or (M, 1)
     return (g * u[:, None, :] * torch.sigmoid(a * u[:, None, :] + c)).sum(1)  # (N, F)
 
 
 class NeuronHeads(nn.Module):
-    """M x F heads of dimension 1: head (m, k) has key a[m,k] u_k + c[m,k], value u_k, output
-    scale g[m,k], self bias omega and a null slot. forward(u) with u = the up projection."""
+    """M x F heads of dimension 1: head (m, k) has key a[m] u_k + c[m], value u_k, output scale
+    g[m], self bias omega and a null slot. forward(u) with u = the up projection. One mixture
+    serves every unit, so a, c, g are stored (M, 1) and broadcast over the F units."""
 
     def __init__(self, heads_per_unit: int, units: int, omega: float, causal: bool, context: DecodeContext | None):
         super().__init__()
-        self.a = nn.Parameter(torch.ones(heads_per_unit, units), requires_grad=False)  # (M, F)
-        self.c = nn.Parameter(torch.zeros(heads_per_unit, units), requires_grad=False)
-        self.g = nn.Parameter(torch.ones(heads_per_unit, units), requires_grad=False)
-        self.omega, self.causal, self.impl = float(omega), causal, "fast"
+        self.a = nn.Parameter(torch.ones(heads_per_unit, 1), requires_grad=False)  # (M, 1)
+        self.c = nn.Parameter(torch.zeros(heads_per_unit, 1), requires_grad=False)
+        self.g = nn.Parameter(torch.ones(heads_per_unit, 1), requires_grad=False)
+        self.units, self.omega, self.causal, self.impl = units, float(omega), causal, "fast"
         self.__dict__["context"] = context  # shared, not a submodule
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
@@ -82,14 +83,18 @@ class NeuronHeads(nn.Module):
             return state.step(u, u, self.context.key_mask(state.state.n if state.state else 0, u.shape[1]))
         mask = self.context.key_mask(0, u.shape[1]) if self.context else None
         group = fastpath.fast_head_group if self.impl == "fast" else dense.dense_head_group
-        return group(u, u, self.a, self.c, self.g, self.omega, causal=self.causal, key_padding_mask=mask)
+        return group(u, u, *self._per_unit(), self.omega, causal=self.causal, key_padding_mask=mask)
+
+    def _per_unit(self):
+        """a, c, g as (M, F)."""
+        return tuple(t.expand(-1, self.units) for t in (self.a, self.c, self.g))
 
     def _new_cache(self):
-        return fastpath.HeadGroupCache(self.a, self.c, self.g, self.omega)
+        return fastpath.HeadGroupCache(*self._per_unit(), self.omega)
 
     def extra_repr(self) -> str:
-        M, F = self.a.shape
-        return f"heads={M}x{F}, omega={self.omega:.4g}, causal={self.causal}"
+        M = self.a.shape[0]
+        return f"heads={M}x{self.units}, omega={self.omega:.4g}, causal={self.causal}"
 
 
 class ProductHeads(nn.Module):
@@ -165,9 +170,9 @@ class HeadExperts(nn.Module):
         self.num_experts = experts
         self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * units, d_model), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(experts, d_model, units), requires_grad=False)
-        self.a = nn.Parameter(torch.ones(experts, heads_per_unit, units), requires_grad=False)  # (E, M, F)
-        self.c = nn.Parameter(torch.zeros(experts, heads_per_unit, units), requires_grad=False)
-        self.g = nn.Parameter(torch.ones(experts, heads_per_unit, units), requires_grad=False)
+        self.a = nn.Parameter(torch.ones(experts, heads_per_unit, 1), requires_grad=False)  # (E, M, 1)
+        self.c = nn.Parameter(torch.zeros(experts, heads_per_unit, 1), requires_grad=False)
+        self.g = nn.Parameter(torch.ones(experts, heads_per_unit, 1), requires_grad=False)
         self.eps = nn.Parameter(torch.ones(experts, units), requires_grad=False)  # (E, F)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
