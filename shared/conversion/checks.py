@@ -8,6 +8,10 @@ propagated  each model runs on its own from the tokens: hidden states after ever
 greedy      transformers' generate() on both; a step where the two part is a tie when the
             reference's top-two logits there are closer than twice the measured logit error
             (counted, reported, and the comparison goes on from the reference's token)
+
+The measured logit error is the largest over the positions where both models agree on the
+top token: measured away from the parting itself (where the error must reach half the
+reference's margin for the models to part at all).
 """
 import time
 
@@ -77,9 +81,8 @@ def logit_metrics(ours: torch.Tensor, ref: torch.Tensor) -> dict:
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (N,): KL(reference || converted)
     top2 = ref.topk(2, dim=-1).values if ref.shape[-1] > 1 else torch.cat((ref, ref), -1)
     gap = top2[:, 0] - top2[:, 1]
-    error = diff.abs().amax(-1)
     disagree = ours.argmax(-1) != ref.argmax(-1)
-    ties = disagree & (gap <= 2 * error)
+    ties = disagree & (gap <= 2 * tie_scale(diff.abs().amax(-1), ~disagree))
     return {
         "max_abs": float(diff.abs().max()), "max_rel": float(diff.abs().max() / ref.abs().max()),
         "rms": float(diff.pow(2).mean().sqrt()), "reference_max_abs": float(ref.abs().max()),
@@ -87,6 +90,11 @@ def logit_metrics(ours: torch.Tensor, ref: torch.Tensor) -> dict:
         "top1_agreement": float((~disagree).double().mean()),
         "top1_ties": int(ties.sum()), "top1_mismatches": int((disagree & ~ties).sum()),
     }
+
+
+def tie_scale(errors: torch.Tensor, agree: torch.Tensor) -> float:
+    """The logit error to judge ties by: the largest where the models agree, else the median."""
+    return float(errors[agree].max()) if bool(agree.any()) else float(errors.median())
 
 
 @torch.no_grad()
@@ -115,9 +123,9 @@ def greedy(converted, reference, prompt: torch.Tensor, new_tokens: int, encoder_
         ours_logits = converted(input_ids=full, use_cache=False).logits[0, -new_tokens:].double()
     ours_logits = ours_logits.masked_fill(banned, -torch.inf)
     error = (ours_logits - ref_logits).nan_to_num(0.0).abs().amax(-1)  # (N,)
-    top2 = ref_logits.topk(2, dim=-1).values
-    tie_at = (top2[:, 0] - top2[:, 1]) <= 2 * error
     forced = ours_logits.argmax(-1) != ref_tokens
+    top2 = ref_logits.topk(2, dim=-1).values
+    tie_at = (top2[:, 0] - top2[:, 1]) <= 2 * tie_scale(error, ~forced)
     mismatches = [int(i) for i in torch.where(forced & ~tie_at)[0]]
     ties = [int(i) for i in torch.where(forced & tie_at)[0]]
     parted = ours_tokens != ref_tokens
