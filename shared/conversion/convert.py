@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import checks, host
+from . import checks, host, model_card
 from .calibrate import Calibrator, LocalCheck, hook_site
 from .checkpoint import SourceCheckpoint, storage_dtype
 from .errors import ConversionCancelled, InvalidOptionsError, SourceMismatchError, UnsupportedArchitectureError
@@ -128,6 +128,8 @@ def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, progr
         timings["check_s"] = time.perf_counter() - t
     report.finish(options.tolerance, LOGITS_REL_FACTOR, KL_LIMIT[options.dtype])
     report.timings = {**timings, "total_s": time.perf_counter() - started}
+    name = source.checkpoint.config.get("_name_or_path") or None
+    (out / "README.md").write_text(model_card.render(config, report.summary, name if name and "/" in name else None))
     report.files = {p.name: p.stat().st_size for p in out.iterdir()}
     report.files[REPORT_FILE] = None
     (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))

@@ -71,6 +71,9 @@ def test_converts_and_matches_transformers(name, tmp_path):
     assert report.passed, report.failures
     assert max(e["ffn_rel"] for e in report.local) <= 0.5 * TOLERANCE, report.local
 
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.startswith("---\n") and "attention-only" in card and "passed" in card
+
     converted = load_converted(tmp_path / "out")
     assert type(converted) is type(source)
     assert remaining_ffns(converted) == [], "an FFN was left in place"
