@@ -92,6 +92,9 @@ class FetchLimits:
     max_tensors: int = 100_000
     # Which s3:// sources this fetch may read (the job owner's scopes); None: none at all.
     s3_source_rules: SourceRules | None = None
+    # The whole fetch must end within this many seconds, whatever the read timeouts allow (a
+    # server that drips one byte per read timeout is stopped here). None: no deadline.
+    deadline_seconds: float | None = None
 
 
 # --- URL parsing ----------------------------------------------------------------------
@@ -387,8 +390,9 @@ def resolve(host: str, port: int) -> list:
 class _Meter:
     """Bytes downloaded over the whole fetch: the size cap and the progress callback."""
 
-    def __init__(self, limit: int, progress: Progress | None):
-        self.limit, self.progress = limit, progress
+    def __init__(self, limit: int, progress: Progress | None, deadline_seconds: float | None = None):
+        self.limit, self.progress, self.deadline_seconds = limit, progress, deadline_seconds
+        self.deadline = None if deadline_seconds is None else time.monotonic() + deadline_seconds
         self.done = 0
         self.total: int | None = None
         self._last_report = 0.0
@@ -403,7 +407,13 @@ class _Meter:
         self.done += n
         if self.done > self.limit:
             raise self._too_large(self.done)
+        self.check_deadline()
         self.report(force=False)
+
+    def check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise FetchError("download_timeout", f"the download did not finish within its deadline of "
+                                                 f"{self.deadline_seconds:g} s ({self.done} bytes arrived)")
 
     def report(self, force: bool) -> None:
         now = time.monotonic()
@@ -805,7 +815,7 @@ def fetch_source(url: str, dest_dir: Path, limits: FetchLimits, progress: Progre
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=dest_dir))
     try:
         parsed = parse_url(url)
-        meter = _Meter(limits.max_download_bytes, progress)
+        meter = _Meter(limits.max_download_bytes, progress, limits.deadline_seconds)
         model_dir = _download(parsed, staging, limits, meter, on_config)
         validate_model_dir(model_dir, limits)
         _publish(model_dir, dest_dir)

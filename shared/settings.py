@@ -149,6 +149,10 @@ class Settings(BaseSettings):
     fetch_connect_timeout: float = Field(10.0, gt=0)
     fetch_read_timeout: float = Field(60.0, gt=0)
     fetch_max_redirects: int = Field(3, ge=0, le=10)
+    # A whole download must finish within a deadline besides the read timeouts: by default
+    # max_download_bytes at fetch_min_bytes_per_second, plus a minute; a number overrides it.
+    fetch_min_bytes_per_second: int = Field(10 * MiB, ge=1)
+    fetch_deadline_seconds: Optional[float] = Field(None, gt=0)
     # Hosts that may be fetched although they are loopback or private addresses.
     # Empty in production; the local runner and the tests set "127.0.0.1,localhost".
     fetch_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -254,7 +258,14 @@ class Settings(BaseSettings):
             s3_secret_key=secret_key,
             s3_region=self.s3_region,
             s3_source_rules=SourceRules.for_owner(self, owner),
+            deadline_seconds=self.fetch_deadline(),
         )
+
+    def fetch_deadline(self) -> float:
+        """Seconds a whole download may take (see fetch_deadline_seconds)."""
+        if self.fetch_deadline_seconds is not None:
+            return self.fetch_deadline_seconds
+        return 60.0 + self.max_download_bytes / self.fetch_min_bytes_per_second
 
     def s3_credentials(self) -> tuple[Optional[str], Optional[str]]:
         """(access key, secret key) in clear, for the S3 clients; None where unset."""

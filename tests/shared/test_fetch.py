@@ -351,10 +351,11 @@ def test_fetches_a_hf_directory_from_an_allowed_host(server, checkpoints, tmp_pa
     seen = []
     result = fetch_source(url, tmp_path / "dest", LOCAL, progress=lambda done, total: seen.append(done))
     assert result == tmp_path / "dest"
-    assert sorted(p.name for p in result.iterdir()) == ["config.json", "model.safetensors"]
+    # config.json, the weights, and the optional files the directory has (save_pretrained writes
+    # generation_config.json)
+    assert sorted(p.name for p in result.iterdir()) == sorted(checkpoints["whole"])
     assert (result / "model.safetensors").read_bytes() == checkpoints["whole"]["model.safetensors"]
-    expected = len(checkpoints["whole"]["config.json"]) + len(checkpoints["whole"]["model.safetensors"])
-    assert seen[-1] == expected
+    assert seen[-1] == sum(len(body) for body in checkpoints["whole"].values())
 
 
 def test_same_url_is_blocked_without_the_allowlist(server, checkpoints, tmp_path):
@@ -394,7 +395,7 @@ def test_index_with_unsafe_shard_name_is_refused(server, checkpoints, tmp_path, 
     url = server.add_dir(prefix, {**config_only(checkpoints), "model.safetensors.index.json": index})
     error = fetch_error(url, tmp_path)
     assert error.code == "safetensors_invalid" and "unsafe shard" in error.message
-    assert all(p.endswith((".json", "model.safetensors")) for p in server.requested(prefix))
+    assert not any(p.endswith(".safetensors") and not p.endswith("/model.safetensors") for p in server.requested(prefix))
 
 
 def test_index_naming_a_missing_shard(server, checkpoints, tmp_path):
@@ -478,6 +479,38 @@ def test_slow_server_hits_the_read_timeout(server, tmp_path, after_headers):
     error = fetch_error(server.url(path.rsplit("/", 1)[0] + "/"), tmp_path, limits)
     assert error.code == "download_timeout"
     assert time.monotonic() - started < 3
+
+
+def drip(stop, interval):
+    """A server that sends one byte per `interval` (below the read timeout) for ever."""
+    def route(h):
+        h.send_response(200)
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        h.close_connection = True
+        try:
+            while not stop.is_set():
+                h.wfile.write(b"1\r\n \r\n")
+                h.wfile.flush()
+                stop.wait(interval)
+        except OSError:
+            pass
+    return route
+
+
+def test_slow_drip_server_hits_the_whole_download_deadline(server, tmp_path):
+    server.routes["/drip/config.json"] = drip(server.stop, 0.1)
+    limits = FetchLimits(allow_hosts=("127.0.0.1",), read_timeout=0.5, deadline_seconds=1.5)
+    started = time.monotonic()
+    error = fetch_error(server.url("/drip/"), tmp_path, limits)
+    assert error.code == "download_timeout" and "deadline of 1.5 s" in error.message
+    assert 1.5 <= time.monotonic() - started < 4
+
+
+def test_default_deadline_follows_the_size_limit(make_settings):
+    settings = make_settings(max_download_bytes=10 * 2**20, fetch_min_bytes_per_second=2**20)
+    assert settings.fetch_limits().deadline_seconds == 70.0
+    assert make_settings(fetch_deadline_seconds=5).fetch_limits().deadline_seconds == 5
 
 
 def test_content_encoding_is_refused(server, tmp_path):
@@ -649,7 +682,7 @@ def test_leftovers_in_dest_are_replaced(server, checkpoints, tmp_path):
     (tmp_path / ".incoming-stale").mkdir()
     (tmp_path / "stale.bin").write_bytes(b"old")
     fetch_source(server.add_dir("/fresh", checkpoints["whole"]), tmp_path, LOCAL)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(checkpoints["whole"])
 
 
 def test_exception_from_progress_cleans_up_and_propagates(server, checkpoints, tmp_path):
