@@ -28,7 +28,7 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 from urllib.parse import quote, urljoin, urlsplit
@@ -49,6 +49,7 @@ from shared.safefiles import (
     validate_model_dir,
     validate_safetensors_header,
 )
+from shared.hub import HubSource, parse_hub_url
 from shared.source_scopes import SourceRules, check_s3_source
 
 __all__ = [
@@ -61,10 +62,10 @@ ERROR_CODES = (
     "download_timeout", "source_not_found", "source_http_error", "source_unreachable",
     "download_too_large", "source_missing_file", "pickle_not_allowed",
     "archive_unsafe_member", "archive_too_large", "archive_invalid",
-    "safetensors_invalid", "config_invalid", "source_forbidden",
+    "safetensors_invalid", "config_invalid", "source_forbidden", "source_unauthorized",
 )
 
-ALLOWED_SCHEMES = ("http", "https", "s3")
+ALLOWED_SCHEMES = ("http", "https", "s3", "hf")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 MAX_URL_LENGTH = 8192
@@ -92,6 +93,9 @@ class FetchLimits:
     max_tensors: int = 100_000
     # Which s3:// sources this fetch may read (the job owner's scopes); None: none at all.
     s3_source_rules: SourceRules | None = None
+    # hf:// sources: the hub's endpoint, and the job's token for it (sent to that host only)
+    hub_endpoint: str = "https://huggingface.co"
+    hub_token: str | None = field(default=None, repr=False)
     # The whole fetch must end within this many seconds, whatever the read timeouts allow (a
     # server that drips one byte per read timeout is stopped here). None: no deadline.
     deadline_seconds: float | None = None
@@ -150,6 +154,9 @@ def parse_url(url: str) -> ParsedUrl:
                          f"scheme {scheme!r} is not allowed; use {', '.join(ALLOWED_SCHEMES)}")
     if not url[len(scheme) + 1:].startswith("//"):
         raise _invalid(url, "URL must have the form scheme://host/path")
+    if scheme == "hf":
+        hub = parse_hub_url(url)
+        return ParsedUrl("hf", hub.repo_id, None, None, hub.revision)
     try:
         parts = urlsplit(url)
     except ValueError as exc:
@@ -493,8 +500,11 @@ def _network_error(exc: Exception, url: ParsedUrl) -> FetchError:
 class _HttpRemote:
     """Files under an http(s) base URL (or the URL itself), fetched through pinned connections."""
 
-    def __init__(self, base: ParsedUrl, limits: FetchLimits):
+    def __init__(self, base: ParsedUrl, limits: FetchLimits, token: str | None = None):
         self.base, self.limits = base, limits
+        # a bearer token goes to the base URL's own scheme, host and port, never elsewhere
+        self.token = token
+        self.token_origin = (base.scheme, base.host, base.effective_port)
         self.policy = AddressPolicy(limits.allow_hosts)
         self.backend = _PinnedBackend()
         self.pool = httpcore.ConnectionPool(network_backend=self.backend, retries=0, max_connections=4)
@@ -522,13 +532,18 @@ class _HttpRemote:
         self.policy.check(url.host, addresses)
         self.backend.pin(url.host, addresses)
 
+    def _authorization(self, url: ParsedUrl) -> list:
+        if self.token and (url.scheme, url.host, url.effective_port) == self.token_origin:
+            return [(b"Authorization", f"Bearer {self.token}".encode())]
+        return []
+
     def _send(self, url: ParsedUrl) -> httpcore.Response:
         request = httpcore.Request(
             b"GET",
             httpcore.URL(scheme=url.scheme.encode(), host=url.host.encode(), port=url.port,
                          target=url.target.encode()),
             headers=[(b"Host", url.authority().encode()), (b"User-Agent", USER_AGENT),
-                     (b"Accept-Encoding", b"identity")],
+                     (b"Accept-Encoding", b"identity")] + self._authorization(url),
             extensions={"timeout": self.timeouts},
         )
         try:
@@ -565,6 +580,9 @@ class _HttpRemote:
         response.close()
         if response.status == 404:
             raise _not_found(str(url))
+        if response.status in (401, 403):
+            raise FetchError("source_unauthorized", f"HTTP {response.status} from {url}: the source needs credentials"
+                                                    + (" that give access" if self.token else ""))
         raise FetchError("source_http_error", f"HTTP {response.status} from {url}")
 
     def exists(self, name: str) -> bool:
@@ -613,8 +631,8 @@ def _redirect_target(current: ParsedUrl, location: str) -> ParsedUrl:
     # the new target gets the full scheme, syntax and address checks.
     absolute = urljoin(f"{current.scheme}://{current.authority()}{current.target}", location.strip())
     target = parse_url(absolute)
-    if target.scheme == "s3":
-        raise FetchError("url_scheme_not_allowed", "a redirect to an s3:// URL is not followed")
+    if target.scheme in ("s3", "hf"):
+        raise FetchError("url_scheme_not_allowed", f"a redirect to an {target.scheme}:// URL is not followed")
     return target
 
 
@@ -760,8 +778,17 @@ def _is_archive(path: str) -> bool:
     return path.lower().endswith(ARCHIVE_SUFFIXES)
 
 
+def _remote(url: ParsedUrl, limits: FetchLimits):
+    if url.scheme == "s3":
+        return _S3Remote(url, limits)
+    if url.scheme == "hf":
+        base = parse_url(HubSource(url.host, url.target).base_url(limits.hub_endpoint))
+        return _HttpRemote(base, limits, token=limits.hub_token)
+    return _HttpRemote(url, limits)
+
+
 def _download(url: ParsedUrl, staging: Path, limits: FetchLimits, meter: _Meter, on_config=None) -> Path:
-    remote = _S3Remote(url, limits) if url.scheme == "s3" else _HttpRemote(url, limits)
+    remote = _remote(url, limits)
     try:
         if _is_archive(url.path):
             archive = staging / "archive"

@@ -152,6 +152,8 @@ class Settings(BaseSettings):
     # A whole download must finish within a deadline besides the read timeouts: by default
     # max_download_bytes at fetch_min_bytes_per_second, plus a minute; a number overrides it.
     fetch_min_bytes_per_second: int = Field(10 * MiB, ge=1)
+    # hf://ORG/REPO[@REVISION] sources resolve against this hub (its /ORG/REPO/resolve/REV/FILE URLs).
+    hub_endpoint: str = "https://huggingface.co"
     fetch_deadline_seconds: Optional[float] = Field(None, gt=0)
     # Hosts that may be fetched although they are loopback or private addresses.
     # Empty in production; the local runner and the tests set "127.0.0.1,localhost".
@@ -238,7 +240,7 @@ class Settings(BaseSettings):
 
         return shutil.disk_usage(directory).free
 
-    def fetch_limits(self, owner: Optional[str] = None) -> "FetchLimits":
+    def fetch_limits(self, owner: Optional[str] = None, hub_token: Optional[str] = None) -> "FetchLimits":
         """The limits of one download; s3:// sources are checked against ``owner``'s
         scopes (None: the anonymous owner, who gets the ``*`` scopes only)."""
         from shared.fetch import FetchLimits
@@ -259,6 +261,8 @@ class Settings(BaseSettings):
             s3_region=self.s3_region,
             s3_source_rules=SourceRules.for_owner(self, owner),
             deadline_seconds=self.fetch_deadline(),
+            hub_endpoint=self.hub_endpoint,
+            hub_token=hub_token,
         )
 
     def fetch_deadline(self) -> float:
