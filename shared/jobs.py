@@ -83,6 +83,7 @@ class Artifact(BaseModel):
     name: str  # file name, e.g. "model.safetensors"
     size: int  # bytes
     key: str  # S3 object key
+    sha256: Optional[str] = None  # hex digest of the uploaded file; None in records from before it was kept
 
 
 class Progress(BaseModel):
@@ -430,6 +431,14 @@ class JobStore:
                 pipe.set(self._cancel_key(job_id), "1", ex=self.ttl_seconds)
 
         return self.update(job_id, mutate, extra=set_flag)
+
+    def active_count(self, owner: Optional[str]) -> int:
+        """The owner's jobs that are queued or running."""
+        pipe = self.redis.pipeline()
+        for state in JobState:
+            if not state.finished:
+                pipe.zcard(self._owner_index(owner, state))
+        return sum(pipe.execute())
 
     def ping(self) -> bool:
         return bool(self.redis.ping())

@@ -125,6 +125,12 @@ class Settings(BaseSettings):
 
     # --- Celery worker --------------------------------------------------------------------
     gpu_queue: str = "gpu"
+    # Jobs one owner may have queued or running at once; more are refused with 429
+    # quota_exceeded at submission. 0: no cap.
+    max_active_jobs_per_owner: int = Field(200, ge=0)
+    # A running job holds a lease its worker renews every lease_seconds / 4; when it expires
+    # (the worker died) another worker sends the job to the queue again.
+    lease_seconds: float = Field(60.0, ge=2)
     worker_concurrency: int = Field(1, ge=1)  # one conversion per GPU
     task_time_limit: int = Field(4 * 3600, ge=5)  # seconds; the child is killed after this
     # Redis redelivers a message nobody acknowledged after this many seconds: this is how

@@ -8,6 +8,7 @@ would not work from outside even if the host were rewritten.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Iterable, Optional
@@ -98,19 +99,28 @@ class Storage:
         return path.stat().st_size
 
     def upload_job_files(self, job_id: str, folder: Path, names: Iterable[str]) -> list[Artifact]:
+        """Upload each file under jobs/{job_id}/; its record carries the SHA-256 of what was
+        read from disk (hashed before the upload, in chunks: the multipart upload reads parts
+        concurrently and again on retries, so it cannot be hashed on the way)."""
         artifacts = []
         for name in names:
             key = job_prefix(job_id) + name
+            digest = file_sha256(folder / name)
             size = self.upload_file(folder / name, key, _content_type(name))
-            artifacts.append(Artifact(name=name, size=size, key=key))
+            artifacts.append(Artifact(name=name, size=size, key=key, sha256=digest))
         return artifacts
 
-    def presigned_get(self, key: str, filename: Optional[str] = None, ttl: Optional[int] = None) -> str:
+    def presigned_get(self, key: str, filename: Optional[str] = None, ttl: Optional[int] = None,
+                      content_type: Optional[str] = None) -> str:
         """A GET URL valid for ``ttl`` seconds (default: the settings'), clamped to
-        [PRESIGN_TTL_MIN, PRESIGN_TTL_MAX]: download links are short-lived by design."""
+        [PRESIGN_TTL_MIN, PRESIGN_TTL_MAX]: download links are short-lived by design.
+        ``filename``: served as an attachment of that name; ``content_type``: served with
+        that type, whatever the object was stored with (report.html, to be shown inline)."""
         params = {"Bucket": self.bucket, "Key": key}
         if filename:
             params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
+        if content_type:
+            params["ResponseContentType"] = content_type
         expires = min(max(ttl or self.presign_ttl, PRESIGN_TTL_MIN), PRESIGN_TTL_MAX)
         return self._signer.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
 
@@ -133,8 +143,26 @@ class Storage:
         return [obj["Key"] for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix) for obj in page.get("Contents", [])]
 
 
+HASH_CHUNK_BYTES = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (never whole: weights run to many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+HTML_CONTENT_TYPE = "text/html; charset=utf-8"
+_CONTENT_TYPES = {".json": "application/json", ".html": HTML_CONTENT_TYPE}
+
+
 def _content_type(name: str) -> str:
-    return "application/json" if name.endswith(".json") else "application/octet-stream"
+    """The type an object is stored with: report.html as HTML, so that a browser shows it
+    (GET /v1/jobs/{id}/report presigns it without an attachment disposition)."""
+    return _CONTENT_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
 
 
 def _short(exc: Exception) -> str:

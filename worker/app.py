@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 from kombu import Queue
 
 from shared.settings import Settings, get_settings
@@ -95,6 +95,21 @@ def _warm_up(**_) -> None:
         import shared.fetch  # noqa: F401
     except Exception:  # the task reports a broken install clearly; do not kill the child here
         log.exception("warm-up imports failed")
+
+
+@worker_ready.connect
+def _start_sweeper(sender=None, **_) -> None:
+    """In the worker's parent: the heartbeat and the sweep that re-queues jobs of dead workers."""
+    from shared.jobs import JobStore, redis_client
+    from worker.leases import Sweeper
+
+    settings = get_settings()
+    store = JobStore(redis_client(settings.redis_url), settings.redis_key_prefix, settings.job_ttl_seconds)
+
+    def send(job_id: str) -> None:
+        celery_app.send_task(CONVERT_TASK, args=[job_id], queue=settings.gpu_queue)
+
+    Sweeper(store, settings.redis_key_prefix, settings.lease_seconds, send).start()
 
 
 celery_app = make_celery(get_settings())

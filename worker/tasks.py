@@ -31,9 +31,11 @@ import redis
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from shared.jobs import Artifact, Job, JobError, JobState, JobStore, Progress, redis_client
+from shared.metrics import Metrics
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, StorageError, job_prefix
 from worker.app import CONVERT_TASK, celery_app
+from worker.leases import Lease
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +256,8 @@ def run_job(
         # A redelivered job may find an earlier attempt's half-written files: start clean.
         _reset_dir(job_dir)
         workdir.mkdir()
-        return _pipeline(job, workdir, settings, store, storage, device, fetch, convert)
+        with Lease(store.redis, settings.redis_key_prefix, job_id, attempt, settings.lease_seconds):
+            return _pipeline(job, workdir, settings, store, storage, device, fetch, convert)
     except StoreUnavailable:
         raise
     except Superseded:
@@ -268,6 +271,18 @@ def run_job(
             job_dir.rmdir()  # unless a newer attempt works there now
         except OSError:
             pass
+
+
+def _bytes_in(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def _record(metrics, write) -> None:
+    """Metrics are not worth failing a job for."""
+    try:
+        write()
+    except (*STORE_ERRORS, AttributeError, TypeError) as exc:
+        log.warning("metrics not recorded: %s", exc)
 
 
 def _pipeline(job, workdir: Path, settings: Settings, store: JobStore, storage: Storage,
@@ -301,13 +316,21 @@ def _pipeline(job, workdir: Path, settings: Settings, store: JobStore, storage: 
 
         estimate(directory, options, settings.memory_budget(), settings.disk_budget(workdir))
 
+    metrics = Metrics(store.redis, settings.redis_key_prefix)
+    started = time.monotonic()
     reporter.download(0, None)  # the first write: it also notices a cancel asked meanwhile
     fetch(job.source_url, source, settings.fetch_limits(owner=job.owner), progress=reporter.download,
           on_config=preflight)
     if cancelled():
         raise JobCancelled()
 
+    _record(metrics, lambda: (metrics.observe_stage("downloading", time.monotonic() - started),
+                              metrics.add_bytes("downloaded", _bytes_in(source))))
     report = convert(source, out, options, progress=reporter.stage, should_cancel=cancelled)
+    _record(metrics, lambda: [metrics.observe_stage(stage, report.timings[key]) for stage, key in
+                              (("calibrating", "calibrate_s"), ("writing", "write_s"), ("checking", "check_s"))
+                              if key in report.timings])
+    started = time.monotonic()
     if cancelled():
         raise JobCancelled()
 
@@ -323,6 +346,8 @@ def _pipeline(job, workdir: Path, settings: Settings, store: JobStore, storage: 
         if cancelled():
             raise JobCancelled()
 
+    _record(metrics, lambda: (metrics.observe_stage("uploading", time.monotonic() - started),
+                              metrics.add_bytes("uploaded", sum(a.size for a in artifacts))))
     summary = report.summary
     if report.passed:
         _finish(store, settings, job.id, attempt, JobState.succeeded, summary=summary, artifacts=artifacts)

@@ -22,6 +22,7 @@ from shared.jobs import InvalidCursor, Job, JobError, JobState, JobStore
 from shared.safefiles import FetchError
 from shared.settings import Settings
 from shared.source_scopes import check_source_url
+from shared.storage import HTML_CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ router = APIRouter(
     responses={401: {"model": ErrorResponse, "description": "no API key, or not a valid one"}},
 )
 
+REPORT_HTML = "report.html"  # written by shared.conversion next to report.json
 JobId = Annotated[str, Path(min_length=1, max_length=64, description="the id POST /v1/jobs returned")]
 NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such job of yours (or it expired)"}}
 UNAVAILABLE = {503: {"model": ErrorResponse, "description": "Redis or the queue is unavailable"}}
@@ -37,7 +39,8 @@ CREATE_ERRORS = {
     **UNAVAILABLE,
     403: {"model": ErrorResponse, "description": "source_forbidden: an s3:// source outside your S3 source scopes"},
     413: {"model": ErrorResponse, "description": "the request body is over the size limit"},
-    429: {"model": ErrorResponse, "description": "too many jobs created lately; see Retry-After"},
+    429: {"model": ErrorResponse, "description": "rate_limited: too many jobs created lately (see Retry-After); "
+                                                 "quota_exceeded: too many of your jobs queued or running at once"},
 }
 
 
@@ -49,6 +52,15 @@ def _check_sources(bodies: list[JobCreate], principal: Principal, settings: Sett
             check_source_url(body.source_url, principal.owner, settings)
         except FetchError as exc:
             raise ApiError(403, exc.code, f"[{i}].source_url: {exc.message}" if batch else exc.message) from None
+
+
+def _check_quota(store: JobStore, principal: Principal, settings: Settings, new_jobs: int) -> None:
+    """429 quota_exceeded when the owner's queued and running jobs would exceed the cap."""
+    cap = settings.max_active_jobs_per_owner
+    if cap and store.active_count(principal.owner) + new_jobs > cap:
+        raise ApiError(429, "quota_exceeded", f"you have {store.active_count(principal.owner)} jobs queued or running; "
+                                              f"at most {cap} at once: wait for some to finish",
+                       headers={"Retry-After": "30"})
 
 
 def _submit(body: JobCreate, principal: Principal, store: JobStore, queue) -> tuple[Job, bool]:
@@ -88,6 +100,7 @@ def create_job(
     store: StoreDep, queue: QueueDep, limiter: RateLimiterDep, settings: SettingsDep,
 ):
     _check_sources([body], principal, settings, batch=False)
+    _check_quota(store, principal, settings, 1)
     limiter.take(principal.owner, 1)
     job, created = _submit(body, principal, store, queue)
     if not created:
@@ -105,6 +118,7 @@ def create_jobs(
     settings: SettingsDep,
 ):
     _check_sources(bodies, principal, settings, batch=True)
+    _check_quota(store, principal, settings, len(bodies))
     limiter.take(principal.owner, len(bodies))
     return BatchCreated(jobs=[job_created(request, _submit(b, principal, store, queue)[0]) for b in bodies])
 
@@ -145,22 +159,45 @@ def cancel_job(job_id: JobId, request: Request, principal: PrincipalDep, store: 
     return job_out(request, job)
 
 
+def _artifact_redirect(job: Job, name: str, storage, **presign) -> RedirectResponse:
+    """307 to a fresh presigned URL of the job's artifact ``name``; 404 artifact_not_found
+    when the job has none of that name (yet)."""
+    artifact = next((a for a in job.artifacts if a.name == name), None)
+    if artifact is None:
+        have = ", ".join(a.name for a in job.artifacts) or f"none yet (the job is {job.state.value})"
+        raise ApiError(404, "artifact_not_found", f"job {job.id} has no artifact {name!r}; it has: {have}")
+    # A fresh short-lived URL on every request; nothing on the way may keep it.
+    return RedirectResponse(
+        storage.presigned_get(artifact.key, **presign), status_code=307,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
 @router.get(
     "/{job_id}/artifacts/{name}", status_code=307, response_class=RedirectResponse,
     responses={**NOT_FOUND, 307: {"description": "redirect to a short-lived presigned download URL"}},
-    summary="Download an artifact (config.json, model.safetensors, report.json)",
+    summary="Download an artifact (config.json, model.safetensors, report.json, report.html)",
 )
 def get_artifact(
     job_id: JobId, name: Annotated[str, Path(max_length=100)], principal: PrincipalDep,
     store: StoreDep, storage: StorageDep,
 ):
     job = _get_own_or_404(store, job_id, principal)
-    artifact = next((a for a in job.artifacts if a.name == name), None)
-    if artifact is None:
-        have = ", ".join(a.name for a in job.artifacts) or f"none yet (the job is {job.state.value})"
-        raise ApiError(404, "artifact_not_found", f"job {job_id} has no artifact {name!r}; it has: {have}")
-    # A fresh short-lived URL on every request; nothing on the way may keep it.
-    return RedirectResponse(
-        storage.presigned_get(artifact.key, filename=name), status_code=307,
-        headers={"Cache-Control": "no-store"},
-    )
+    return _artifact_redirect(job, name, storage, filename=name)
+
+
+@router.get(
+    "/{job_id}/report", status_code=307, response_class=RedirectResponse,
+    responses={
+        307: {"description": "redirect to a short-lived presigned URL of report.html, served as text/html "
+                             "to be read in a browser (self-contained: it fetches nothing)"},
+        404: {"model": ErrorResponse, "description": "job_not_found: no such job of yours (or it expired); "
+                                                     "artifact_not_found: the job has no report.html (not "
+                                                     "finished, failed before its checks, or converted "
+                                                     "before reports were rendered)"},
+    },
+    summary="Read the job's equivalence report as a web page",
+)
+def get_report(job_id: JobId, principal: PrincipalDep, store: StoreDep, storage: StorageDep):
+    job = _get_own_or_404(store, job_id, principal)
+    return _artifact_redirect(job, REPORT_HTML, storage, content_type=HTML_CONTENT_TYPE)

@@ -45,8 +45,8 @@ def final_output(out) -> tuple[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def run(model, batch, encoder_decoder: bool):
-    return model(**model_inputs(batch, encoder_decoder), output_hidden_states=True, use_cache=False)
+def run(model, batch, encoder_decoder: bool, hidden_states: bool = True):
+    return model(**model_inputs(batch, encoder_decoder), output_hidden_states=hidden_states, use_cache=False)
 
 
 def propagated(ours_out, ref_out, attention_mask) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import checks, host, model_card
+from . import allocator, checks, host, model_card
 from .calibrate import Calibrator, LocalCheck, hook_site
 from .checkpoint import SourceCheckpoint, storage_dtype
 from .errors import ConversionCancelled, InvalidOptionsError, SourceMismatchError, UnsupportedArchitectureError
@@ -24,6 +24,7 @@ from .inputs import calibration_batch, check_batch, load_tokenizer
 from .options import ConversionOptions
 from .patterns import find_sites
 from .report import Report
+from .report_html import render as render_html
 from .runtime import load_converted
 from .weights import source_weights, tied_aliases
 
@@ -36,6 +37,7 @@ DEFAULT_CONTEXT = 2048  # keys a head may see, for Omega, when the config names 
 
 def convert(source_dir, out_dir, options: ConversionOptions | None = None, *, progress=None, should_cancel=None) -> Report:
     options = options or ConversionOptions()
+    allocator.return_freed_memory()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InvalidOptionsError(f"output directory {out_dir} exists and is not empty")
@@ -99,7 +101,7 @@ def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, progr
     calibrator = Calibrator(source.probe, source.weights, options.tolerance, source.max_positions, source.dtype,
                             progress=lambda site: _tick(done, "calibrating", len(source.sites), progress, cancel_point))
     reference = source.reference()
-    _pass(reference, source.sites, calibrator, batch, source.encoder_decoder)
+    _pass(reference, source.sites, calibrator, batch, source.encoder_decoder, hidden_states=False)
     missing = [s.path for s in source.sites if s.path not in calibrator.results]
     if missing:
         raise UnsupportedArchitectureError(f"FFN sites never ran in a forward pass: {missing[:5]}")
@@ -131,8 +133,9 @@ def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, progr
     name = source.checkpoint.config.get("_name_or_path") or None
     (out / "README.md").write_text(model_card.render(config, report.summary, name if name and "/" in name else None))
     report.files = {p.name: p.stat().st_size for p in out.iterdir()}
-    report.files[REPORT_FILE] = None
+    report.files[REPORT_FILE] = report.files["report.html"] = None
     (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
+    (out / "report.html").write_text(render_html(report.to_dict()), encoding="utf-8")
     return report
 
 
@@ -145,17 +148,18 @@ def _corpus_identity(batch) -> dict:
 
 
 def _tick(done: list, stage: str, total: int, progress, cancel_point):
+    allocator.trim()  # after each FFN site: what its float64 copies used goes back to the system
     cancel_point()
     done.append(1)
     progress(stage, len(done), total)
 
 
 @torch.no_grad()
-def _pass(model, sites, on_inputs, batch, encoder_decoder):
+def _pass(model, sites, on_inputs, batch, encoder_decoder, hidden_states=True):
     """One forward pass of `model` on `batch` with on_inputs hooked to every site; returns the output."""
     handles = [hook_site(model, site, on_inputs) for site in sites]
     try:
-        return checks.run(model, batch, encoder_decoder)
+        return checks.run(model, batch, encoder_decoder, hidden_states)
     finally:
         for handle in handles:
             handle.remove()

@@ -294,3 +294,18 @@ def test_without_s3_scopes_no_s3_source_is_accepted(make_client, make_settings):
         r = client.post("/v1/jobs", json={"source_url": "s3://models/gpt2/"})
         assert r.status_code == 403 and r.json()["error"]["code"] == "source_forbidden"
     assert "'anonymous'" in anonymous.post("/v1/jobs", json={"source_url": "s3://models/x/"}).json()["error"]["message"]
+
+
+def test_active_jobs_quota_per_owner(make_client, make_settings, store):
+    settings = make_settings(rate_limit_jobs=0, max_active_jobs_per_owner=3)
+    alice, bob = make_client(settings, "alice"), make_client(settings, "bob")
+    body = {"source_url": "https://example.org/m/"}
+    ids = [alice.post("/v1/jobs", json=body).json()["id"] for _ in range(3)]
+    r = alice.post("/v1/jobs", json=body)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded" and "retry-after" in r.headers
+    assert alice.post("/v1/jobs/batch", json=[body]).status_code == 429  # a batch too, refused whole
+    assert bob.post("/v1/jobs", json=body).status_code == 202  # another owner's own cap
+    from shared.jobs import JobState, JobStore, redis_client
+
+    JobStore(redis_client(settings.redis_url), settings.redis_key_prefix).finish(ids[0], JobState.succeeded)
+    assert alice.post("/v1/jobs", json=body).status_code == 202  # one finished: room for one more

@@ -182,7 +182,7 @@ def test_artifact_redirects_to_a_presigned_url(client, store, storage, settings)
     store.finish(job.id, JobState.succeeded, artifacts=[Artifact(name="report.json", size=16, key=key)])
 
     view = client.get(f"/v1/jobs/{job.id}").json()
-    assert view["artifacts"] == [{"name": "report.json", "size": 16,
+    assert view["artifacts"] == [{"name": "report.json", "size": 16, "sha256": None,  # a record from before hashes
                                   "url": f"http://testserver/v1/jobs/{job.id}/artifacts/report.json"}]
     r = client.get(f"/v1/jobs/{job.id}/artifacts/report.json", follow_redirects=False)
     assert r.status_code == 307
@@ -198,6 +198,38 @@ def test_artifact_redirects_to_a_presigned_url(client, store, storage, settings)
     missing = client.get(f"/v1/jobs/{job.id}/artifacts/model.safetensors", follow_redirects=False)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "artifact_not_found"
     assert client.get("/v1/jobs/nope/artifacts/report.json").status_code == 404
+
+
+def test_report_redirects_to_the_html_page(client, store, storage, settings, keys, tmp_path):
+    import hashlib
+    import httpx
+
+    page = b"<!DOCTYPE html><html><body>PASSED</body></html>"
+    job, _ = store.create("https://example.org/m/", owner="alice")
+    (tmp_path / "report.html").write_bytes(page)
+    store.claim(job.id)
+    store.finish(job.id, JobState.succeeded, artifacts=storage.upload_job_files(job.id, tmp_path, ["report.html"]))
+
+    view = client.get(f"/v1/jobs/{job.id}").json()
+    assert view["artifacts"] == [{"name": "report.html", "size": len(page), "sha256": hashlib.sha256(page).hexdigest(),
+                                  "url": f"http://testserver/v1/jobs/{job.id}/artifacts/report.html"}]
+    r = client.get(f"/v1/jobs/{job.id}/report", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["cache-control"] == "no-store"
+    location = r.headers["location"]
+    assert "X-Amz-Signature=" in location and f"X-Amz-Expires={settings.presign_ttl_seconds}" in location
+    shown = httpx.get(location)
+    assert shown.content == page and shown.headers["content-type"].startswith("text/html")
+    assert "attachment" not in shown.headers.get("content-disposition", "")  # read in the browser
+
+    # Another owner's job does not exist for you; a job without report.html has no report.
+    with TestClient(app, raise_server_exceptions=False, headers=keys.headers("bob")) as bob:
+        r = bob.get(f"/v1/jobs/{job.id}/report", follow_redirects=False)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
+    assert client.get("/v1/jobs/nope/report").json()["error"]["code"] == "job_not_found"
+    queued, _ = store.create("https://example.org/q/", owner="alice")
+    r = client.get(f"/v1/jobs/{queued.id}/report", follow_redirects=False)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "artifact_not_found"
+    assert "queued" in r.json()["error"]["message"]
 
 
 def test_artifacts_of_an_unfinished_job_are_404_with_a_reason(client, store):
@@ -247,3 +279,7 @@ def test_openapi_documents_the_api(client):
     assert spec["components"]["securitySchemes"]["ApiKey"]["scheme"] == "bearer"
     assert "security" not in spec["paths"]["/readyz"]["get"]
     assert "JobOptions" in spec["components"]["schemas"]
+    report = spec["paths"]["/v1/jobs/{job_id}/report"]["get"]
+    assert {"307", "401", "404"} <= set(report["responses"]) and report["security"] == [{"ApiKey": []}]
+    assert "artifact_not_found" in report["responses"]["404"]["description"]
+    assert "sha256" in spec["components"]["schemas"]["ArtifactOut"]["properties"]

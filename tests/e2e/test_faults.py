@@ -29,7 +29,7 @@ DEEP = {"calibration": {"tokens": 512, "seq_len": 32}, "checks": ["local"], "gre
 # A longer calibration per layer: enough time between two layers for a cancel to land.
 DEEP_SLOW = {"calibration": {"tokens": 8192, "seq_len": 32}, "checks": ["local", "propagated"], "greedy_tokens": 0}
 MID_CONVERSION = (JobState.converting, JobState.checking)
-LAYER_STAGE_ORDER = ("calibrating", "converting", "checking")
+LAYER_STAGE_ORDER = ("calibrating", "writing", "checking")
 # Short enough that a job whose worker died is delivered again within seconds; the time
 # limit must stay below it (Settings checks), and a deep conversion takes a few seconds.
 VISIBILITY, TIME_LIMIT = 15, 14
@@ -45,7 +45,7 @@ def faults(make_stack):
 
 
 def layer_step(progress) -> int:
-    """How far a conversion is, in layer steps: calibrating 1..L, converting L+1..2L,
+    """How far a conversion is, in layer steps: calibrating 1..L, writing L+1..2L,
     checking 2L+1..3L (0 before the first layer)."""
     if progress.stage not in LAYER_STAGE_ORDER or not progress.layers_done:
         return 0
@@ -107,7 +107,7 @@ def test_worker_sigkill_mid_conversion_loses_no_job(faults, checkpoints, fault_r
     for job_id, attempts in killed_at.items():
         job = final[job_id]
         assert job["attempts"] > attempts  # delivered again after the kill, and completed
-        assert {a["name"] for a in job["artifacts"]} == {"config.json", "model.safetensors", "report.json"}
+        assert {a["name"] for a in job["artifacts"]} >= {"config.json", "model.safetensors", "report.json"}
         assert job["progress"]["percent"] == 100 and job["summary"]["passed"] is True
     # Nothing half-done was left behind in the work folder.
     assert not any(Path(faults.settings.work_dir).iterdir())
@@ -142,6 +142,42 @@ def test_pool_child_killed_mid_conversion_is_requeued_at_once(faults, checkpoint
     assert reclaimed - delivered < VISIBILITY, faults.logs()
     fault_report.append(f"pool child SIGKILLed mid-conversion: job taken again {reclaimed - killed:.1f}s after "
                         "the kill (no visibility timeout), succeeded on attempt 2")
+
+
+LEASE = 10
+
+
+def test_dead_workers_job_restarts_on_another_worker_within_the_lease(make_stack, checkpoints, fault_report):
+    """The whole worker dies (SIGKILL of its process group): its lease expires and the other
+    worker's sweep sends the job again, long before the broker's visibility timeout."""
+    stack = make_stack("lease", visibility_timeout=900, task_time_limit=880, lease_seconds=LEASE, max_attempts=6,
+                       device="cpu", rate_limit_jobs=0)
+    stack.start_api()
+    client, store = stack.client(), stack.store
+    first = stack.start_worker()
+    second = None
+    try:
+        job_id = client.post("/v1/jobs", json={"source_url": checkpoints.base + "gpt2-deep/", "options": DEEP_SLOW}) \
+            .raise_for_status().json()["id"]
+        job = wait_mid_conversion(store, [job_id], {}, 1, time.monotonic() + 180, stack)
+        assert job is not None, "the job finished before the kill"
+        second = stack.start_worker()
+        time.sleep(3)  # the second worker is up and sweeping
+        stack.kill(first)
+        killed = time.monotonic()
+        while store.get(job_id).attempts < 2:
+            assert time.monotonic() - killed < LEASE + 30, stack.logs()
+            time.sleep(0.1)
+        restarted = time.monotonic() - killed
+        final = stack.wait_for(client, job_id, timeout=300)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                stack.stop(proc)
+    assert final["state"] == "succeeded" and final["attempts"] == 2, (final, stack.logs())
+    assert restarted < LEASE + 10, f"restarted {restarted:.1f}s after the kill"
+    fault_report.append(f"whole worker SIGKILLed mid-conversion: its job restarted on the other worker "
+                        f"{restarted:.1f}s after the kill (lease {LEASE}s, visibility timeout 900s), succeeded")
 
 
 def test_s3_down_at_upload_retries_with_backoff_then_fails(faults, checkpoints):

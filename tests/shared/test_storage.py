@@ -1,4 +1,5 @@
 """S3 storage against a real S3-compatible server over HTTP (moto)."""
+import hashlib
 from urllib.parse import urlsplit
 
 import httpx
@@ -22,9 +23,9 @@ def test_upload_presign_download_delete(storage, tmp_path):
     (folder / "config.json").write_text('{"a": 1}')
     (folder / "model.safetensors").write_bytes(b"\x00" * 1000)
     arts = storage.upload_job_files("job-1", folder, ["config.json", "model.safetensors"])
-    assert [(a.name, a.size, a.key) for a in arts] == [
-        ("config.json", 8, "jobs/job-1/config.json"),
-        ("model.safetensors", 1000, "jobs/job-1/model.safetensors"),
+    assert [(a.name, a.size, a.key, a.sha256) for a in arts] == [
+        ("config.json", 8, "jobs/job-1/config.json", hashlib.sha256(b'{"a": 1}').hexdigest()),
+        ("model.safetensors", 1000, "jobs/job-1/model.safetensors", hashlib.sha256(b"\x00" * 1000).hexdigest()),
     ]
     url = storage.presigned_get(arts[0].key, filename="config.json")
     assert "X-Amz-Signature=" in url
@@ -35,6 +36,29 @@ def test_upload_presign_download_delete(storage, tmp_path):
     assert storage.delete_prefix(job_prefix("job-1")) == 2
     assert storage.list_keys(job_prefix("job-1")) == []
     assert httpx.get(url).status_code in (403, 404)  # S3 says 403 for a missing key to a presigned GET
+
+
+def test_hashes_are_streamed_and_html_is_served_as_html(storage, tmp_path, monkeypatch):
+    import shared.storage as module
+
+    monkeypatch.setattr(module, "HASH_CHUNK_BYTES", 7)  # many chunks, a short last one
+    folder = tmp_path / "out"
+    folder.mkdir()
+    page = b"<!DOCTYPE html><html><body>report</body></html>"
+    (folder / "report.html").write_bytes(page)
+    (folder / "empty.bin").write_bytes(b"")
+    html, empty = storage.upload_job_files("job-2", folder, ["report.html", "empty.bin"])
+    assert html.sha256 == hashlib.sha256(page).hexdigest() and html.size == len(page)
+    assert empty.sha256 == hashlib.sha256(b"").hexdigest() and empty.size == 0
+    # Stored as HTML; presigned without an attachment so that a browser shows it.
+    r = httpx.get(storage.presigned_get(html.key))
+    assert r.content == page and r.headers["content-type"].startswith("text/html")
+    assert "attachment" not in r.headers.get("content-disposition", "")
+    # content_type= overrides what an object was stored with (reports uploaded before).
+    storage.client.put_object(Bucket=storage.bucket, Key="jobs/old/report.html", Body=page,
+                              ContentType="application/octet-stream")
+    r = httpx.get(storage.presigned_get("jobs/old/report.html", content_type=module.HTML_CONTENT_TYPE))
+    assert r.headers["content-type"].startswith("text/html")
 
 
 def test_large_files_go_up_in_parts(make_settings, tmp_path):
