@@ -309,3 +309,44 @@ def test_active_jobs_quota_per_owner(make_client, make_settings, store):
 
     JobStore(redis_client(settings.redis_url), settings.redis_key_prefix).finish(ids[0], JobState.succeeded)
     assert alice.post("/v1/jobs", json=body).status_code == 202  # one finished: room for one more
+
+
+def test_events_stream_until_the_job_ends_and_resume(make_client, make_settings):
+    """SSE: the job's states as they change, an `end` event, then the stream closes; with
+    Last-Event-ID a reconnecting client gets only what it has not seen. Others get 404."""
+    import json
+    import threading
+
+    from shared.jobs import JobState, JobStore, Progress, redis_client
+
+    settings = make_settings(rate_limit_jobs=0)
+    alice, bob = make_client(settings, "alice"), make_client(settings, "bob")
+    job_id = alice.post("/v1/jobs", json={"source_url": "https://example.org/m/"}).json()["id"]
+    store = JobStore(redis_client(settings.redis_url), settings.redis_key_prefix)
+
+    def worker():
+        time.sleep(0.6)
+        job = store.claim(job_id)
+        time.sleep(0.6)
+        store.advance(job_id, JobState.converting, Progress(percent=40.0, stage="calibrating"), attempt=job.attempts)
+        time.sleep(0.6)
+        store.finish(job_id, JobState.succeeded)
+
+    threading.Thread(target=worker).start()
+    events = []
+    with alice.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        fields = {}
+        for line in response.iter_lines():
+            if line.startswith(("id:", "event:", "data:")):
+                key, _, value = line.partition(": ")
+                fields[key.rstrip(":")] = value
+            elif not line and fields:
+                events.append((int(fields["id"]), fields["event"], json.loads(fields["data"])["state"]))
+                fields = {}
+    states = [state for _, _, state in events]
+    assert states[0] == "queued" and states[-1] == "succeeded" and "converting" in states
+    assert events[-1][1] == "end" and [e[0] for e in events] == sorted({e[0] for e in events})
+    with alice.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": str(events[-1][0])}) as response:
+        assert [line for line in response.iter_lines() if line.startswith("data:")] == []  # nothing new, then closed
+    assert bob.get(f"/v1/jobs/{job_id}/events").status_code == 404

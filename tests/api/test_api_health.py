@@ -47,3 +47,16 @@ def test_readyz_503_when_s3_is_down(make_settings):
         app.dependency_overrides.clear()
     assert r.status_code == 503
     assert r.json()["checks"] == {"redis": "ok", "s3": "unreachable"}
+
+
+def test_metrics_in_prometheus_text_format(settings, storage):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        r = _client_for(settings).get("/metrics")
+    finally:
+        app.dependency_overrides.clear()
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    names = {f.name for f in text_string_to_metric_families(r.text)}
+    assert {"attnonly_jobs", "attnonly_queue_depth", "attnonly_live_workers", "attnonly_stage_seconds",
+            "attnonly_bytes"} <= names
