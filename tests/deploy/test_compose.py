@@ -1,5 +1,6 @@
 """docker-compose.yml validates with Debian's docker-compose and says what the issue asks."""
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -58,7 +59,10 @@ def test_dockerfiles_run_the_real_entry_points():
     api = (REPO / "deploy" / "Dockerfile.api").read_text()
     worker = (REPO / "deploy" / "Dockerfile.worker").read_text()
     assert '"api.main:app"' in api and "USER app" in api
-    assert '"worker.app"' in worker and "pytorch/pytorch:" in worker and "cuda" in worker
+    # the GPU image runs the torch the tests pin, on a CUDA runtime base matching its build
+    assert '"worker.app"' in worker and "nvidia/cuda:13.0" in worker
+    pinned = re.search(r'"torch==([0-9.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert f"ARG TORCH_VERSION={pinned}" in worker
     assert (REPO / "api" / "main.py").exists() and (REPO / "worker" / "app.py").exists()
 
 
