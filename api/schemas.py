@@ -12,10 +12,12 @@ from urllib.parse import urlsplit
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.credentials import SourceCredentials
+
 from shared.job_options import JobOptions
 from shared.jobs import Job, JobState, Progress
 
-SOURCE_SCHEMES = ("http", "https", "s3")
+SOURCE_SCHEMES = ("http", "https", "s3", "hf")
 MAX_BATCH = 100
 MAX_PAGE = 100
 
@@ -35,10 +37,15 @@ class JobCreate(BaseModel):
     source_url: str = Field(
         min_length=1, max_length=2048,
         description="A Hugging Face model directory given as a base URL (its files are fetched by "
-        "name), a .tar / .tar.gz archive of one, or an s3://bucket/prefix on the service's S3 "
-        "inside the S3 source scopes an operator granted the key's owner (else 403 source_forbidden).",
+        "name), a .tar / .tar.gz archive of one, hf://ORG/REPO[@REVISION] on the model hub, or an "
+        "s3://bucket/prefix inside the S3 source scopes an operator granted the key's owner (else 403 "
+        "source_forbidden) or readable with the job's own source_credentials.",
     )
     options: JobOptions = Field(default_factory=JobOptions)
+    source_credentials: Optional[SourceCredentials] = Field(
+        None, description="for a gated or private source: a hub token (hf:// sources) or S3 keys for your own "
+        "bucket. Sealed in the job record, used for the download alone, dropped when the job ends, never returned.",
+    )
     idempotency_key: Optional[str] = Field(
         None, min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
         description="Submitting the same key again returns the first job instead of a new one.",
@@ -49,8 +56,8 @@ class JobCreate(BaseModel):
     def _scheme(cls, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme.lower() not in SOURCE_SCHEMES or not parts.netloc:
-            raise ValueError("source_url must be an http://, https:// or s3:// URL")
-        if parts.scheme.lower() == "s3":
+            raise ValueError("source_url must be an http://, https://, s3:// or hf:// URL")
+        if parts.scheme.lower() in ("s3", "hf"):
             # Parsed as the worker will parse it: the scope check needs its bucket and key.
             from shared.fetch import FetchError, parse_url
 

@@ -106,6 +106,8 @@ class Job(BaseModel):
     owner: Optional[str] = None  # the API key's name that created the job; None: anonymous
     progress: Progress = Field(default_factory=Progress)
     created_at: datetime = Field(default_factory=utcnow)
+    # Per-job source credentials, sealed (shared/credentials.py); dropped when the job ends.
+    sealed_credentials: Optional[str] = Field(None, repr=False)
     updated_at: datetime = Field(default_factory=utcnow)
     started_at: Optional[datetime] = None
     finished_at: Optional[datetime] = None
@@ -231,12 +233,14 @@ class JobStore:
         options: Optional[JobOptions] = None,
         idempotency_key: Optional[str] = None,
         owner: Optional[str] = None,
+        sealed_credentials: Optional[str] = None,
     ) -> tuple[Job, bool]:
         """Store a new queued job. Returns (job, created); created is False when the
         idempotency key was seen before and its job is returned instead."""
         job = Job(
             id=str(uuid.uuid4()), source_url=source_url, options=options or JobOptions(),
             idempotency_key=idempotency_key, owner=owner, seq=self.redis.incr(f"{self.prefix}:seq"),
+            sealed_credentials=sealed_credentials,
         )
         idem_key = self._idem_key(owner, idempotency_key) if idempotency_key is not None else None
         for _ in range(WATCH_RETRIES):
@@ -315,6 +319,8 @@ class JobStore:
         return new
 
     def _write(self, pipe, job: Job, previous: Optional[Job]) -> None:
+        if job.state.finished and job.sealed_credentials is not None:
+            job.sealed_credentials = None  # a finished job's credentials are gone for good
         member = job.index_member
         pipe.set(self._job_key(job.id), job.model_dump_json())
         if previous is None:

@@ -125,6 +125,10 @@ class Settings(BaseSettings):
 
     # --- Celery worker --------------------------------------------------------------------
     gpu_queue: str = "gpu"
+    # Seals per-job source credentials in job records (a Fernet key: `python -c "from
+    # shared.credentials import new_key; print(new_key())"`). Unset: jobs carrying credentials
+    # are refused with 422 credentials_not_accepted.
+    credentials_key: Optional[SecretStr] = None
     # Jobs one owner may have queued or running at once; more are refused with 429
     # quota_exceeded at submission. 0: no cap.
     max_active_jobs_per_owner: int = Field(200, ge=0)
@@ -246,12 +250,17 @@ class Settings(BaseSettings):
 
         return shutil.disk_usage(directory).free
 
-    def fetch_limits(self, owner: Optional[str] = None, hub_token: Optional[str] = None) -> "FetchLimits":
+    def fetch_limits(self, owner: Optional[str] = None, credentials=None) -> "FetchLimits":
         """The limits of one download; s3:// sources are checked against ``owner``'s
         scopes (None: the anonymous owner, who gets the ``*`` scopes only)."""
         from shared.fetch import FetchLimits
 
         access_key, secret_key = self.s3_source_credentials()
+        own_s3 = credentials is not None and credentials.has_s3()
+        if own_s3:  # the job's own keys (shared/credentials.py) for its own bucket
+            access_key, secret_key = (credentials.s3_access_key.get_secret_value(),
+                                      credentials.s3_secret_key.get_secret_value())
+        hub_token = credentials.hub_token.get_secret_value() if credentials and credentials.hub_token else None
         return FetchLimits(
             max_download_bytes=self.max_download_bytes,
             connect_timeout=self.fetch_connect_timeout,
@@ -265,7 +274,7 @@ class Settings(BaseSettings):
             s3_access_key=access_key,
             s3_secret_key=secret_key,
             s3_region=self.s3_region,
-            s3_source_rules=SourceRules.for_owner(self, owner),
+            s3_source_rules=SourceRules.for_owner(self, owner, own_credentials=own_s3),
             deadline_seconds=self.fetch_deadline(),
             hub_endpoint=self.hub_endpoint,
             hub_token=hub_token,

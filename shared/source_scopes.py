@@ -131,13 +131,17 @@ class SourceRules:
     owner: Optional[str]
     scopes: tuple[SourceScope, ...] = ()
     artifacts_bucket: Optional[str] = None
+    # The job reads with its own S3 keys: their permissions are the scope (the artifacts
+    # bucket and unsafe keys are still refused).
+    own_credentials: bool = False
 
     @classmethod
-    def for_owner(cls, settings: "Settings", owner: Optional[str]) -> "SourceRules":
+    def for_owner(cls, settings: "Settings", owner: Optional[str], own_credentials: bool = False) -> "SourceRules":
         return cls(
             owner=owner,
             scopes=tuple(s for s in settings.s3_source_scopes if s.applies_to(owner)),
             artifacts_bucket=settings.s3_bucket,
+            own_credentials=own_credentials,
         )
 
 
@@ -159,6 +163,8 @@ def check_s3_source(bucket: str, key: str, rules: Optional[SourceRules]) -> None
         raise _forbidden(f"{shown}: keys with '..', '.' or empty ('//') path segments are refused")
     if rules is None:
         raise _forbidden(f"{shown}: no S3 source scopes apply here, so no s3:// source is read")
+    if rules.own_credentials:
+        return
     if not any(s.applies_to(rules.owner) and s.covers(bucket, segments) for s in rules.scopes):
         owner = rules.owner if rules.owner is not None else "anonymous"
         raise _forbidden(f"{shown} is not in the S3 source scopes of owner {owner!r}; "
@@ -173,7 +179,7 @@ def s3_source_allowed(bucket: str, key: str, rules: Optional[SourceRules]) -> bo
     return True
 
 
-def check_source_url(url: str, owner: Optional[str], settings: "Settings") -> None:
+def check_source_url(url: str, owner: Optional[str], settings: "Settings", own_credentials: bool = False) -> None:
     """The API's check of a submitted source: an s3:// URL outside ``owner``'s scopes
     raises FetchError ``source_forbidden``. The URL is parsed by the fetcher's own parser,
     so the bucket and key checked are those the worker would read; other schemes, and
@@ -185,4 +191,4 @@ def check_source_url(url: str, owner: Optional[str], settings: "Settings") -> No
     except FetchError:
         return
     if parsed.scheme == "s3":
-        check_s3_source(parsed.host, parsed.target, SourceRules.for_owner(settings, owner))
+        check_s3_source(parsed.host, parsed.target, SourceRules.for_owner(settings, owner, own_credentials))

@@ -273,6 +273,14 @@ def run_job(
             pass
 
 
+class SourceCredentialsUnavailable(Exception):
+    code = "credentials_unavailable"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
 def _bytes_in(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
@@ -319,7 +327,17 @@ def _pipeline(job, workdir: Path, settings: Settings, store: JobStore, storage: 
     metrics = Metrics(store.redis, settings.redis_key_prefix)
     started = time.monotonic()
     reporter.download(0, None)  # the first write: it also notices a cancel asked meanwhile
-    fetch(job.source_url, source, settings.fetch_limits(owner=job.owner), progress=reporter.download,
+    credentials = None
+    if job.sealed_credentials is not None:
+        from shared.credentials import unseal
+
+        if settings.credentials_key is None:
+            raise SourceCredentialsUnavailable("the job carries sealed credentials but this worker has no credentials key")
+        try:
+            credentials = unseal(job.sealed_credentials, settings.credentials_key)
+        except ValueError as exc:
+            raise SourceCredentialsUnavailable(str(exc)) from None
+    fetch(job.source_url, source, settings.fetch_limits(owner=job.owner, credentials=credentials), progress=reporter.download,
           on_config=preflight)
     if cancelled():
         raise JobCancelled()
@@ -425,7 +443,7 @@ def classify(exc: Exception, job_id: str) -> tuple[JobState, JobError]:
 
 
 def _known_errors() -> tuple[type, ...]:
-    known: list[type] = [StorageError]
+    known: list[type] = [StorageError, SourceCredentialsUnavailable]
     try:
         from shared.fetch import FetchError
 

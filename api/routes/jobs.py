@@ -21,6 +21,7 @@ from api.schemas import (
 from shared.jobs import InvalidCursor, Job, JobError, JobState, JobStore
 from shared.safefiles import FetchError
 from shared.settings import Settings
+from shared.credentials import seal
 from shared.source_scopes import check_source_url
 from shared.storage import HTML_CONTENT_TYPE
 
@@ -49,7 +50,8 @@ def _check_sources(bodies: list[JobCreate], principal: Principal, settings: Sett
     every job before any is created (a batch is refused whole), and before the rate limit."""
     for i, body in enumerate(bodies):
         try:
-            check_source_url(body.source_url, principal.owner, settings)
+            own_s3 = body.source_credentials is not None and body.source_credentials.has_s3()
+            check_source_url(body.source_url, principal.owner, settings, own_credentials=own_s3)
         except FetchError as exc:
             raise ApiError(403, exc.code, f"[{i}].source_url: {exc.message}" if batch else exc.message) from None
 
@@ -63,8 +65,18 @@ def _check_quota(store: JobStore, principal: Principal, settings: Settings, new_
                        headers={"Retry-After": "30"})
 
 
-def _submit(body: JobCreate, principal: Principal, store: JobStore, queue) -> tuple[Job, bool]:
-    job, created = store.create(body.source_url, body.options, body.idempotency_key, owner=principal.owner)
+def _seal(body: JobCreate, settings: Settings) -> Optional[str]:
+    if body.source_credentials is None:
+        return None
+    if settings.credentials_key is None:
+        raise ApiError(422, "credentials_not_accepted", "this service takes no source credentials "
+                                                        "(no ATTNONLY_CREDENTIALS_KEY is configured)")
+    return seal(body.source_credentials, settings.credentials_key)
+
+
+def _submit(body: JobCreate, principal: Principal, store: JobStore, queue, settings: Settings) -> tuple[Job, bool]:
+    job, created = store.create(body.source_url, body.options, body.idempotency_key, owner=principal.owner,
+                                sealed_credentials=_seal(body, settings))
     if created:
         try:
             queue.enqueue(job.id)
@@ -102,7 +114,7 @@ def create_job(
     _check_sources([body], principal, settings, batch=False)
     _check_quota(store, principal, settings, 1)
     limiter.take(principal.owner, 1)
-    job, created = _submit(body, principal, store, queue)
+    job, created = _submit(body, principal, store, queue, settings)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return job_created(request, job)
@@ -120,7 +132,7 @@ def create_jobs(
     _check_sources(bodies, principal, settings, batch=True)
     _check_quota(store, principal, settings, len(bodies))
     limiter.take(principal.owner, len(bodies))
-    return BatchCreated(jobs=[job_created(request, _submit(b, principal, store, queue)[0]) for b in bodies])
+    return BatchCreated(jobs=[job_created(request, _submit(b, principal, store, queue, settings)[0]) for b in bodies])
 
 
 @router.get("", response_model=JobPage, summary="List your jobs, newest first")

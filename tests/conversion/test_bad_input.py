@@ -53,10 +53,10 @@ def test_unknown_model_type_is_unsupported(source_dirs, tmp_path):
 def test_unknown_activation_is_refused_naming_the_module(source_dirs, tmp_path):
     src = copy_source(source_dirs, "llama-gqa", tmp_path)
     config = json.loads((src / "config.json").read_text())
-    config["hidden_act"] = "relu2"  # squared ReLU: no head mixture for it
+    config["hidden_act"] = "mish"  # x tanh(softplus x): no head construction for it
     (src / "config.json").write_text(json.dumps(config))
     error = assert_fails_cleanly(src, tmp_path, "unsupported_architecture")
-    assert "model.layers.0.mlp" in error.message and "ReLUSquared" in error.message
+    assert "model.layers.0.mlp" in error.message and "Mish" in error.message
 
 
 def test_a_pattern_that_does_not_hold_is_refused(source_dirs, tmp_path, monkeypatch):
