@@ -63,7 +63,7 @@ def refuse_early(directory: Path, **budgets):
 
 
 @pytest.mark.parametrize("config, budgets, code", [
-    (llama_config(hidden_act="relu2"), {}, "unsupported_architecture"),  # an activation with no heads
+    (llama_config(hidden_act="mish"), {}, "unsupported_architecture"),  # an activation with no heads
     (llama_config(architectures=["FooForCausalLM"], model_type="foo"), {}, "unsupported_architecture"),
     (llama_config(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8, vocab_size=128256), {"memory_budget": 2 * 2**30}, "too_large_for_worker"),
