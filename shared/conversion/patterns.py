@@ -55,6 +55,8 @@ PATTERNS = (
     Gated(act="act", gate="wi_0", up="wi_1", down="wo"),                  # t5 gated-gelu, umt5, mt5
     Gated(act="act", fused="Wi", down="Wo"),                              # modernbert
     Gated(act="act_fn", gate="w1", up="w3", down="w2"),
+    Gated(act="activation_fn", gate="gate_proj", up="up_proj", down="down_proj"),  # llama4
+    Gated(act="activation", fused="input_linear", down="output_linear"),   # granitemoehybrid
     Plain(act="act", up="c_fc", down="c_proj"),                           # gpt2, gpt_neo, gpt_bigcode, starcoder2
     Plain(act="act", up="fc_in", down="fc_out"),                          # gptj, codegen
     Plain(act="act", up="dense_h_to_4h", down="dense_4h_to_h"),           # gpt_neox, falcon
@@ -64,6 +66,8 @@ PATTERNS = (
     Plain(act="activation", up="lin1", down="lin2"),                      # distilbert
     Plain(act="act", up="wi", down="wo"),                                 # t5 (relu)
     Plain(act="act_fn", up="up_proj", down="down_proj"),
+    Plain(act="act", up="up_proj", down="down_proj"),                     # mpt
+    Plain(act="activation_fn", up="intermediate", down="output"),         # prophetnet
     Plain(act="intermediate.intermediate_act_fn", up="intermediate.dense", down="output.dense"),  # bert, roberta
     Plain(act="1", up="0", down="2"),                                     # ctrl: nn.Sequential(Linear, ReLU, Linear)
 )

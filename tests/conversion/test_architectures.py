@@ -40,6 +40,7 @@ ARCHITECTURES = {  # test id -> (model_type, Auto class, config overrides)
     "olmoe": ("olmoe", CAUSAL, {}),
     "arcee": ("arcee", CAUSAL, {}),  # squared ReLU: gate heads and product pairs on one projection
     "ctrl": ("ctrl", CAUSAL, {}),  # the FFN is an nn.Sequential
+    "mpt": ("mpt", CAUSAL, {}),
     "bart-decoder": ("bart", CAUSAL, {}),  # a causal LM built from an encoder-decoder's config
     "bert": ("bert", "AutoModel", {}),
     "roberta": ("roberta", "AutoModel", {}),
