@@ -6,7 +6,7 @@ from fastapi.routing import APIRoute
 
 from api import errors
 from api.limits import BodySizeLimit
-from api.routes import api_router, health, metrics
+from api.routes import api_router, health, metrics, pages
 from shared.settings import get_settings
 
 DESCRIPTION = """
@@ -37,6 +37,7 @@ app = FastAPI(
 app.include_router(api_router, prefix="/v1")
 app.include_router(health.router)
 app.include_router(metrics.router)
+app.include_router(pages.router)
 errors.install(app)
 
 

@@ -143,6 +143,8 @@ class GatedHeads(nn.Module):
     the product become gate heads and product pairs. The scratch channels that carry s from
     the gate heads to the product pairs are local to this module."""
 
+    is_attention_only = True  # not an FFN, though it keeps the source's projection names
+
     def __init__(self, projections: dict[str, nn.Module], gate: str, up: str, down: str, fused: str | None,
                  gate_heads: NeuronHeads, product: ProductHeads):
         super().__init__()
@@ -164,6 +166,8 @@ class HeadExperts(nn.Module):
     """Takes the place of transformers' fused experts module (gate_up_proj (E, 2F, D), down_proj
     (E, D, F)); same call signature. Routed tokens have no order: each expert's heads see a
     token and the null slot only."""
+
+    is_attention_only = True  # not an FFN, though it keeps the source's projection names
 
     def __init__(self, experts: int, units: int, d_model: int, heads_per_unit: int):
         super().__init__()

@@ -30,7 +30,7 @@ class Plain:
 
 @dataclass(frozen=True)
 class Gated:
-    act: str
+    act: str | None  # None: the module calls its activation as a function; the verification finds which
     down: str
     gate: str | None = None
     up: str | None = None
@@ -55,6 +55,7 @@ PATTERNS = (
     Gated(act="act", gate="wi_0", up="wi_1", down="wo"),                  # t5 gated-gelu, umt5, mt5
     Gated(act="act", fused="Wi", down="Wo"),                              # modernbert
     Gated(act="act_fn", gate="w1", up="w3", down="w2"),
+    Gated(act=None, gate="w1", up="w3", down="w2"),                       # lfm2: F.silu inline
     Gated(act="activation_fn", gate="gate_proj", up="up_proj", down="down_proj"),  # llama4
     Gated(act="activation", fused="input_linear", down="output_linear"),   # granitemoehybrid
     Plain(act="act", up="c_fc", down="c_proj"),                           # gpt2, gpt_neo, gpt_bigcode, starcoder2
@@ -112,8 +113,16 @@ def _is_activation(module) -> bool:
             and not any(True for _ in module.children()))
 
 
+UNKNOWN_ACTIVATION = "?"  # a Site's activation until the calibration's verification finds it
+
+
 def _matches(module: nn.Module, pattern) -> bool:
-    if not _is_activation(_get(module, pattern.act)):
+    if getattr(module, "is_attention_only", False):
+        return False  # our own head modules keep the source's projection names
+    if pattern.act is None:
+        if any(_is_activation(c) for c in module.children()):
+            return False  # an activation module is there: a row naming it applies, or none
+    elif not _is_activation(_get(module, pattern.act)):
         return False
     if isinstance(pattern, Experts):
         gate_up, down = getattr(module, pattern.gate_up, None), getattr(module, pattern.down, None)
@@ -132,6 +141,7 @@ def out_features(module: nn.Module) -> int:
     return int(module.weight.shape[0])
 
 
+ACTIVATIONS = ("silu", "gelu_erf", "gelu_tanh", "quick_gelu", "relu", "relu2")
 PROBE = torch.linspace(-12.0, 12.0, 4801, dtype=torch.float64)
 
 
@@ -140,7 +150,7 @@ def identify_activation(act: nn.Module, where: str, samples: torch.Tensor | None
     x = PROBE if samples is None else torch.cat((PROBE, samples.detach().double().reshape(-1)))
     with torch.no_grad():
         y = act(x.clone())
-    for name in ("silu", "gelu_erf", "gelu_tanh", "quick_gelu", "relu", "relu2"):
+    for name in ACTIVATIONS:
         target = exact_activation(name, x)
         if float((y.double() - target).abs().max()) <= 1e-6 * max(float(target.abs().max()), 1.0):
             return name
@@ -166,7 +176,8 @@ def find_sites(model: nn.Module, *, causal: bool, encoder_decoder: bool) -> list
         if pattern is None:
             continue
         where = f"{path} ({type(module).__name__})"
-        activation = identify_activation(_get(module, pattern.act), where)
+        activation = (UNKNOWN_ACTIVATION if pattern.act is None
+                      else identify_activation(_get(module, pattern.act), where))
         if isinstance(pattern, Experts):
             units = getattr(module, pattern.gate_up).shape[1] // 2
         elif isinstance(pattern, Gated):
@@ -188,6 +199,11 @@ def _refuse_unknown_ffns(model: nn.Module, sites: list[Site]) -> None:
             raise UnsupportedArchitectureError(
                 f"{path} ({type(module).__name__}) looks like an FFN but matches no known pattern "
                 f"(its children: {', '.join(n for n, _ in module.named_children()) or 'none'}); see GET /v1/architectures")
+
+
+def candidate_activations(site: Site) -> tuple[str, ...]:
+    """Activations the verification tries for a site (all buildable ones when none is named)."""
+    return ACTIVATIONS if site.activation == UNKNOWN_ACTIVATION else (site.activation,)
 
 
 def _paths(pattern) -> list[str]:

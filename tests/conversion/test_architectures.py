@@ -41,6 +41,7 @@ ARCHITECTURES = {  # test id -> (model_type, Auto class, config overrides)
     "arcee": ("arcee", CAUSAL, {}),  # squared ReLU: gate heads and product pairs on one projection
     "ctrl": ("ctrl", CAUSAL, {}),  # the FFN is an nn.Sequential
     "mpt": ("mpt", CAUSAL, {}),
+    "lfm2": ("lfm2", CAUSAL, {}),  # F.silu inline: the verification finds the activation
     "bart-decoder": ("bart", CAUSAL, {}),  # a causal LM built from an encoder-decoder's config
     "bert": ("bert", "AutoModel", {}),
     "roberta": ("roberta", "AutoModel", {}),
