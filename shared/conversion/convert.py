@@ -26,7 +26,7 @@ from .patterns import find_sites
 from .report import Report
 from .report_html import render as render_html
 from .runtime import load_converted
-from .weights import source_weights, tied_aliases
+from .weights import declared_ties, source_weights, tied_aliases
 
 CONVERTER_VERSION = "2.0"
 # Thresholds of the verdict, relative to the tolerance where they scale with it.
@@ -170,12 +170,14 @@ def _write(out: Path, source: Source, config: dict, head_tensors: dict, options,
     converted = host.build_empty(source.cls, source.config, source.dtype)
     sites = find_sites(converted, causal=source.causal, encoder_decoder=source.encoder_decoder)
     host.swap_in(converted, sites, config[SECTION]["sites"], None)
+    # tied duplicates are written once; load_converted restores them from the same ties
     aliases = tied_aliases(converted)
+    declared = declared_ties(converted)
     if hasattr(source.weights, "names"):  # names that read the same checkpoint tensor as an earlier one
         first = {}
         for n in converted.state_dict():
             hf = source.weights.names.get(n)
-            if hf is not None and first.setdefault(hf, n) != n:
+            if hf is not None and first.setdefault(hf, n) != n and declared.get(n) == first[hf]:
                 aliases[n] = first[hf]
     buffers = {n for n, _ in converted.named_buffers()}
     names = [n for n in converted.state_dict() if n not in aliases and (n in head_tensors or n in source.weights)

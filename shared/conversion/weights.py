@@ -32,7 +32,7 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def _declared_ties(model: nn.Module) -> dict[str, str]:
+def declared_ties(model: nn.Module) -> dict[str, str]:
     """transformers' own tie declarations (target -> source), for models built on meta where the
     tie itself may not be visible."""
     declared = getattr(model, "_tied_weights_keys", None)
@@ -97,7 +97,7 @@ def map_names(model: nn.Module, checkpoint: SourceCheckpoint) -> dict[str, str] 
     wanted = list(model.state_dict().keys())
     available = set(checkpoint.names())
     prefix = getattr(model, "base_model_prefix", "") or ""
-    ties = {**_declared_ties(model), **tied_aliases(model)}
+    ties = {**declared_ties(model), **tied_aliases(model)}
     buffers = {n for n, _ in model.named_buffers()}
     found = {}
     for name in wanted:
