@@ -1,4 +1,4 @@
-"""Exact O(n) evaluation of neuron-head groups and product pairs (DESIGN.md §2, §4, §6).
+"""Exact O(n) evaluation of neuron-head groups and product pairs (docs/DESIGN.md §2, §4, §5).
 
 The same softmax attention as `heads.py`, leakage included, without the T x T scores.
 A head's query is the constant 1, so for query i the softmax over {self, null, other
