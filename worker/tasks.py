@@ -264,13 +264,18 @@ def run_job(
         log.warning("job %s: attempt %d was superseded by a newer delivery; stopping it", job_id, attempt)
         return None
     except Exception as exc:  # every failure becomes a finished job with a clear code
+        _remove_workdir(workdir, job_dir)  # first: a job shown finished has left nothing behind
         return _record_outcome(job, exc, store, storage, settings, attempt)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-        try:
-            job_dir.rmdir()  # unless a newer attempt works there now
-        except OSError:
-            pass
+        _remove_workdir(workdir, job_dir)
+
+
+def _remove_workdir(workdir: Path, job_dir: Path) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        job_dir.rmdir()  # unless a newer attempt works there now
+    except OSError:
+        pass
 
 
 class SourceCredentialsUnavailable(Exception):
