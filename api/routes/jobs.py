@@ -59,8 +59,9 @@ def _check_sources(bodies: list[JobCreate], principal: Principal, settings: Sett
 def _check_quota(store: JobStore, principal: Principal, settings: Settings, new_jobs: int) -> None:
     """429 quota_exceeded when the owner's queued and running jobs would exceed the cap."""
     cap = settings.max_active_jobs_per_owner
-    if cap and store.active_count(principal.owner) + new_jobs > cap:
-        raise ApiError(429, "quota_exceeded", f"you have {store.active_count(principal.owner)} jobs queued or running; "
+    active = store.active_count(principal.owner) if cap else 0
+    if cap and active + new_jobs > cap:
+        raise ApiError(429, "quota_exceeded", f"you have {active} jobs queued or running; "
                                               f"at most {cap} at once: wait for some to finish",
                        headers={"Retry-After": "30"})
 

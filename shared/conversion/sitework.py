@@ -30,9 +30,14 @@ def load_submodule(probe: nn.Module, weights, path: str, dtype: torch.dtype) -> 
 class SiteWork:
     def __init__(self, site: Site, probe: nn.Module, weights):
         self.site, self.probe, self.weights = site, probe, weights
+        self._loaded: dict = {}  # (relative path, dtype) -> module: each read once per site
 
     def _module(self, relative: str | None, dtype):
-        return load_submodule(self.probe, self.weights, self.site.join(relative) if relative else self.site.path, dtype)
+        key = (relative, dtype)
+        if key not in self._loaded:
+            path = self.site.join(relative) if relative else self.site.path
+            self._loaded[key] = load_submodule(self.probe, self.weights, path, dtype)
+        return self._loaded[key]
 
     @torch.no_grad()
     def reference(self, inputs) -> torch.Tensor:
