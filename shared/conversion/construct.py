@@ -67,9 +67,11 @@ def plan_site(site: Site, stats: SiteStats, tolerance: float, context: int, budg
     if not isinstance(site.pattern, (Gated, Experts)) and not squared:
         return plan, abc
     # product pairs: (2/eps) tanh(eps s / 2) = s (1 - eps^2 s^2 / 12 + ...), per unit
-    # one eps per site (per expert): a unit that calibration saw barely active may fire on other
-    # text, and eps set from its own small range would then cost (eps s)^2 / 12 in full
-    s_max = stats.gate_out_abs.double().amax(-1, keepdim=True)  # (1,) or (E, 1)
+    # one eps per site, experts included: a unit (or a whole expert) that calibration saw barely
+    # active, or never routed to, may fire on other text, and eps set from its own small range
+    # would then cost (eps s)^2 / 12 in full (an unseen expert's eps would be ~1e3 and its
+    # products garbage). A smaller eps only makes the pairs more exact.
+    s_max = stats.gate_out_abs.double().max()
     s_range = (RANGE_MARGIN * s_max).clamp_min(1e-6).expand_as(stats.gate_out_abs)  # (F,) or (E, F)
     eps = math.sqrt(12 * budget.product * tolerance) / s_range
     plan.update(heads=plan["heads"] + 2 * site.units, eps_min=float(eps.min()), eps_max=float(eps.max()),
