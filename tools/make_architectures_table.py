@@ -17,11 +17,19 @@ def main(sweep: Path | None):
              if TABLE_FILE.is_file() else {}}
     if sweep is not None:
         found = json.loads(sweep.read_text())
+        previous = table["model_types"]
+        converted = {r["type"] for r in found["results"] if r.get("status") == "passed"}
         table["model_types"] = {
-            "converted": sorted(r["type"] for r in found["results"] if r.get("status") == "passed"),
             "transformers": found["transformers"], "measured": found["started"][:10],
             "complete_sweep": found.get("complete", False),
         }
+        if not found.get("complete", False):
+            # a sweep cut short: the types it did not reach keep the previous table's word, named apart
+            measured = {r["type"] for r in found["results"]}
+            carried = sorted(t for t in previous.get("converted", []) if t not in measured)
+            converted |= set(carried)
+            table["model_types"]["carried_from_previous"] = {"types": carried, "measured": previous.get("measured")}
+        table["model_types"]["converted"] = sorted(converted)
     TABLE_FILE.write_text(json.dumps(table, indent=1) + "\n")
     print(f"wrote {TABLE_FILE}: {len(table['patterns'])} patterns, "
           f"{len(table['model_types'].get('converted', []))} model types seen to convert")

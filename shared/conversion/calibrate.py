@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .construct import Budget, SiteStats, plan_site
+from .modules import expert_projection
 from .errors import UnsupportedArchitectureError
 from .patterns import Experts, Plain, Site, candidate_activations, identify_activation, relative_error
 from .sitework import SiteWork
@@ -34,8 +35,8 @@ def hook_site(model: nn.Module, site: Site, on_inputs) -> torch.utils.hooks.Remo
         if isinstance(site.pattern, Experts):
             rest = list(args[1:3]) if len(args) >= 3 else [kwargs["top_k_index"], kwargs["top_k_weights"]]
             on_inputs(site, (x, *rest))
-        else:
-            on_inputs(site, (x,))
+        else:  # the rest of the call, so that the reference is the module's forward as the model calls it
+            on_inputs(site, (x, args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
 
     return model.get_submodule(site.path).register_forward_pre_hook(pre, with_kwargs=True)
 
@@ -58,7 +59,7 @@ def site_stats(site: Site, inputs, work: SiteWork) -> SiteStats:
         for e in inputs[1].unique().tolist():
             if 0 <= e < E:
                 token = torch.where(inputs[1] == e)[0]
-                gate = nn.functional.linear(x[token], gate_up[e])[:, :F]
+                gate = expert_projection(x[token], gate_up[e], p.transposed)[:, :F]
                 pre[e], out[e] = gate.abs().max(), exact_activation(site.activation, gate).abs().amax(0)
         return SiteStats(pre, out)
     gate = module.get_submodule(p.fused)(x).chunk(2, dim=-1)[0] if p.fused else module.get_submodule(p.gate)(x)
@@ -84,7 +85,10 @@ class Calibrator:
         self.progress = progress or (lambda site: None)
 
     def __call__(self, site: Site, inputs) -> None:
-        assert site.path not in self.results, f"{site.path} ran twice in one calibration pass"
+        if site.path in self.results:
+            raise UnsupportedArchitectureError(
+                f"{site.path} ({site.pattern.kind} FFN) runs more than once in one forward pass (a block shared "
+                "between layers); each run would need heads of its own")
         work = SiteWork(site, self.probe, self.weights)
         where = f"{site.path} ({site.pattern.kind} FFN, {site.activation})"
         if isinstance(site.pattern, Plain):  # the activation, on what it really sees

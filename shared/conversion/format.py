@@ -25,7 +25,10 @@ FORMAT_VERSION = 2
 SECTION = "attention_only"  # the key of our section in config.json
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, REPORT_FILE = (
     "config.json", "model.safetensors", "model.safetensors.index.json", "report.json")
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}
+# integer and bool tensors (index tables such as deepseek_v4's) are written as the source had them
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9

@@ -7,16 +7,20 @@ for attention-head modules, and its weights loaded all at once or module by modu
     offload(model, weights)           accelerate's hooks load each module's tensors as it runs
 """
 import copy
+import functools
+import inspect
+import re
 
 import torch
 import torch.nn as nn
 import transformers
 from accelerate import cpu_offload, init_empty_weights
+from accelerate.hooks import remove_hook_from_module
 from accelerate.utils import set_module_tensor_to_device
 
 from .errors import UnsupportedArchitectureError
 from .modules import DecodeContext, GatedHeads, HeadExperts, NeuronHeads, ProductHeads, SquaredHeads
-from .patterns import Experts, Gated, Plain, Site
+from .patterns import PATTERNS, Experts, Gated, Plain, Site, get_path, is_activation, is_projection
 
 _AUTO_ORDER = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModel")
 
@@ -71,7 +75,43 @@ def build_empty(cls, config, dtype: torch.dtype) -> nn.Module:
             sub._experts_implementation = "eager"
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config, dtype=dtype)
+    own_activations(model)
     return model.eval()
+
+
+class CalledActivation(nn.Module):
+    """An activation a module keeps as a plain function (XLM's `self.act = gelu`), as a module: a
+    Plain row can then match it, the calibration hook it, and swap_in replace it like any other."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x):
+        return self.function(x)
+
+
+def own_activations(model: nn.Module) -> None:
+    """Give every Plain row's activation slot a module of this model and site alone: swap_in
+    replaces it by that site's heads and the calibration hooks it. A function attribute is wrapped
+    (CalledActivation); a module is copied, since transformers may share one instance between
+    layers and even between models (openai-gpt's and XLM's module-level activations), where a
+    hook on one model's would fire in another's. Both are parameter-free, so the model computes
+    exactly what it did."""
+    for parent in list(model.modules()):
+        for pattern in PATTERNS:
+            if not (isinstance(pattern, Plain) and
+                    all(is_projection(get_path(parent, n)) for n in (pattern.up, pattern.down))):
+                continue
+            owner_path, _, name = pattern.act.rpartition(".")
+            owner = get_path(parent, owner_path) if owner_path else parent
+            if not isinstance(owner, nn.Module):
+                continue
+            act = owner._modules.get(name, owner.__dict__.get(name))  # a child module, or a plain attribute
+            if is_activation(act):
+                setattr(owner, name, copy.deepcopy(act))
+            elif callable(act) and not isinstance(act, nn.Module):
+                setattr(owner, name, CalledActivation(act))
 
 
 def _set(model: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -95,8 +135,8 @@ def swap_in(model: nn.Module, sites: list[Site], plans: list[dict], context: Dec
                 _set(model, site.path, GatedHeads(projections, pattern.gate, pattern.up, pattern.down, pattern.fused,
                                                   gate, product))
             elif isinstance(pattern, Experts):
-                experts, _, d_model = getattr(module, pattern.gate_up).shape
-                _set(model, site.path, HeadExperts(experts, site.units, d_model, plan["heads_per_unit"]))
+                experts, _, d_model = pattern.shapes(getattr(module, pattern.gate_up), getattr(module, pattern.down))
+                _set(model, site.path, HeadExperts(experts, site.units, d_model, plan["heads_per_unit"], pattern.transposed))
 
 
 def plain_heads(site: Site, plan: dict, context: DecodeContext | None) -> nn.Module:
@@ -130,4 +170,55 @@ def offload(model: nn.Module, weights) -> nn.Module:
     model's dtype) just before it runs and dropped after, so a forward pass holds one module."""
     missing = [n for n in model.state_dict().keys() if n not in weights]
     assert not missing, f"weights lack {missing[:5]}"
-    return cpu_offload(model, execution_device=torch.device("cpu"), state_dict=weights)
+    model = cpu_offload(model, execution_device=torch.device("cpu"), state_dict=weights,
+                        preload_module_classes=_preloaded_classes(model))
+    for path in read_outside_their_call(model):
+        child = model.get_submodule(path)
+        remove_hook_from_module(child)
+        for name, _ in list(child.named_parameters(recurse=False)):
+            set_module_tensor_to_device(model, f"{path}.{name}", "cpu", value=weights[f"{path}.{name}"])
+    return model
+
+
+# `self.<child path>.weight` (or .bias) in a method's source: the method reads a child's tensor itself;
+# `self.<child path>._forward(` (a private method, prophetnet's positions): the child runs without its hook
+_TENSOR_READ = re.compile(r"self\.([A-Za-z_][\w.]*?)\.(?:weight\b|bias\b|_[a-z]\w*\()")
+_NOT_RUN_IN_A_PASS = ("__init__", "_init_weights", "tie_weights", "get_", "set_", "_tie")
+
+
+def read_outside_their_call(model: nn.Module) -> list[str]:
+    """Modules whose tensors another method reads directly, without calling the module (llama4
+    and gemma4 read embed_tokens.weight, prophetnet its ngram embeddings, reformer's LSH attention
+    its query_key.weight): under offload hooks those tensors are meta placeholders except while
+    the module itself runs, so these stay loaded for the whole pass. Found in the classes' source."""
+    found = set()
+    for path, module in model.named_modules():
+        for dotted in _tensor_reads(type(module)):
+            child = get_path(module, dotted)
+            if isinstance(child, nn.Module) and any(True for _ in child.parameters(recurse=False)):
+                found.add(f"{path}.{dotted}" if path else dotted)
+    return sorted(found)
+
+
+@functools.cache
+def _tensor_reads(cls) -> tuple[str, ...]:
+    reads = set()
+    for klass in cls.__mro__:
+        if klass.__module__.startswith(("torch.", "accelerate.")) or klass is object:
+            continue
+        for name, function in vars(klass).items():
+            if not callable(function) or name.startswith(_NOT_RUN_IN_A_PASS):
+                continue
+            try:
+                reads.update(_TENSOR_READ.findall(inspect.getsource(function)))
+            except (OSError, TypeError):
+                continue
+    return tuple(sorted(reads))
+
+
+def _preloaded_classes(model: nn.Module) -> list[str]:
+    """Classes whose parameters sit in a child that is never called (a ParameterList or
+    ParameterDict, read by the parent's forward: reformer's axial position embeddings): a hook
+    only loads a module's tensors when that module runs, so these load their children's too."""
+    return sorted({type(m).__name__ for m in model.modules()
+                   if any(isinstance(c, (nn.ParameterList, nn.ParameterDict)) for c in m.children())})

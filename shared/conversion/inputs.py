@@ -27,7 +27,9 @@ def load_tokenizer(directory):
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(directory))
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        tokenizer("a")  # one built without a vocabulary (reformer's tiny model) loads but cannot encode
+        return tokenizer
     except Exception:  # no tokenizer files, or files transformers cannot read: fall back to random tokens
         return None
 

@@ -159,7 +159,13 @@ class GatedHeads(nn.Module):
         else:
             gate, up = getattr(self, self.gate_name)(x), getattr(self, self.up_name)(x)
         s = self.gate_heads(gate)  # (.., F): the scratch channels
-        return getattr(self, self.down_name)(self.product(s, up))
+        product = self.product(s, up)
+        return getattr(self, self.down_name)(product) if self.down_name else product
+
+
+def expert_projection(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """One expert's projection: weight (out, in) as nn.Linear keeps it, or (in, out) when transposed."""
+    return x @ weight if transposed else nn.functional.linear(x, weight)
 
 
 class HeadExperts(nn.Module):
@@ -169,11 +175,12 @@ class HeadExperts(nn.Module):
 
     is_attention_only = True  # not an FFN, though it keeps the source's projection names
 
-    def __init__(self, experts: int, units: int, d_model: int, heads_per_unit: int):
+    def __init__(self, experts: int, units: int, d_model: int, heads_per_unit: int, transposed: bool = False):
         super().__init__()
-        self.num_experts = experts
-        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * units, d_model), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(experts, d_model, units), requires_grad=False)
+        self.num_experts, self.transposed = experts, transposed  # transposed: the source's (E, D, 2F), (E, F, D)
+        gate_up, down = ((d_model, 2 * units), (units, d_model)) if transposed else ((2 * units, d_model), (d_model, units))
+        self.gate_up_proj = nn.Parameter(torch.empty(experts, *gate_up), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(experts, *down), requires_grad=False)
         self.a = nn.Parameter(torch.ones(experts, heads_per_unit, 1), requires_grad=False)  # (E, M, 1)
         self.c = nn.Parameter(torch.zeros(experts, heads_per_unit, 1), requires_grad=False)
         self.g = nn.Parameter(torch.ones(experts, heads_per_unit, 1), requires_grad=False)
@@ -181,10 +188,10 @@ class HeadExperts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on tokens x (N, D) -> (N, D)."""
-        gate, up = nn.functional.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (N, F) each
+        gate, up = expert_projection(x, self.gate_up_proj[e], self.transposed).chunk(2, dim=-1)  # (N, F) each
         s = _self_only(gate, self.a[e], self.c[e], self.g[e])
         eps = self.eps[e].to(x.dtype)
-        return nn.functional.linear((2.0 / eps) * up * torch.tanh(eps * s / 2.0), self.down_proj[e])
+        return expert_projection((2.0 / eps) * up * torch.tanh(eps * s / 2.0), self.down_proj[e], self.transposed)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)  # (N, D)

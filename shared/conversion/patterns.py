@@ -8,6 +8,8 @@ match is then verified numerically (calibrate.py) before anything is converted.
 
 Paths are relative to the matched module and may be dotted (BERT's FFN spans two modules).
 """
+import functools
+import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ class Plain:
 @dataclass(frozen=True)
 class Gated:
     act: str | None  # None: the module calls its activation as a function; the verification finds which
-    down: str
+    down: str | None  # None: the module ends at the product (cpmant: its down projection is the parent's)
     gate: str | None = None
     up: str | None = None
     fused: str | None = None  # one projection whose output halves are (gate, up)
@@ -43,12 +45,22 @@ class Experts:
     act: str = "act_fn"
     gate_up: str = "gate_up_proj"  # (E, 2F, D) parameter
     down: str = "down_proj"  # (E, D, F) parameter
+    transposed: bool = False  # True: (E, D, 2F) and (E, F, D), applied as x @ W (aria)
     kind = "experts"
+
+    def shapes(self, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[int, int, int] | None:
+        """(E, F, D) when the two tensors have this layout, else None."""
+        if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0]:
+            return None
+        E, two_f, d = (gate_up.shape[0], gate_up.shape[2], gate_up.shape[1]) if self.transposed else gate_up.shape
+        F, d_down = (down.shape[1], down.shape[2]) if self.transposed else (down.shape[2], down.shape[1])
+        return (E, F, d) if two_f == 2 * F and d == d_down else None
 
 
 # Families named here are examples seen to match, not a list of what is supported.
 PATTERNS = (
     Experts(),                                                          # mixtral, qwen2/3_moe, olmoe, ...
+    Experts(transposed=True),                                           # aria
     Gated(act="act_fn", gate="gate_proj", up="up_proj", down="down_proj"),  # llama, mistral, qwen2/3, gemma*, olmo*, smollm3
     Gated(act="activation_fn", fused="gate_up_proj", down="down_proj"),    # phi3
     Gated(act="act_fn", fused="gate_up_proj", down="down_proj"),
@@ -58,13 +70,19 @@ PATTERNS = (
     Gated(act=None, gate="w1", up="w3", down="w2"),                       # lfm2: F.silu inline
     Gated(act="activation_fn", gate="gate_proj", up="up_proj", down="down_proj"),  # llama4
     Gated(act="activation", fused="input_linear", down="output_linear"),   # granitemoehybrid
+    Gated(act="act_fn", gate="proj_up_gate", up="proj_up", down="proj_down"),  # xlstm
+    Gated(act="act", gate="w_0", up="w_1", down=None),                    # cpmant (w_in; w_out is its parent's)
     Plain(act="act", up="c_fc", down="c_proj"),                           # gpt2, gpt_neo, gpt_bigcode, starcoder2
     Plain(act="act", up="fc_in", down="fc_out"),                          # gptj, codegen
     Plain(act="act", up="dense_h_to_4h", down="dense_4h_to_h"),           # gpt_neox, falcon
     Plain(act="gelu_impl", up="dense_h_to_4h", down="dense_4h_to_h"),     # bloom
     Plain(act="activation_fn", up="fc1", down="fc2"),                     # opt, phi, biogpt, xglm
+    Gated(act="activation_fn", fused="fc1", down="fc2"),                  # moshi (fc1 is 2F wide)
     Plain(act="act", up="fc1", down="fc2"),
     Plain(act="activation", up="lin1", down="lin2"),                      # distilbert
+    Plain(act="act", up="lin1", down="lin2"),                             # xlm
+    Plain(act="activation_function", up="layer_1", down="layer_2"),       # xlnet
+    Plain(act="dense.act_fn", up="dense.dense", down="output.dense"),     # reformer
     Plain(act="act", up="wi", down="wo"),                                 # t5 (relu)
     Plain(act="act_fn", up="up_proj", down="down_proj"),
     Plain(act="act", up="up_proj", down="down_proj"),                     # mpt
@@ -96,18 +114,18 @@ class Site:
         return f"{self.path}.{relative}" if self.path else relative
 
 
-def _get(module: nn.Module, dotted: str):
+def get_path(module: nn.Module, dotted: str):
     try:
         return module.get_submodule(dotted)
     except AttributeError:
         return getattr(module, dotted, None) if "." not in dotted else None
 
 
-def _is_projection(module) -> bool:
+def is_projection(module) -> bool:
     return isinstance(module, nn.Module) and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
-def _is_activation(module) -> bool:
+def is_activation(module) -> bool:
     """A parameter-free module that is not a projection or a container of others."""
     return (isinstance(module, nn.Module) and not any(True for _ in module.parameters())
             and not any(True for _ in module.children()))
@@ -120,16 +138,47 @@ def _matches(module: nn.Module, pattern) -> bool:
     if getattr(module, "is_attention_only", False):
         return False  # our own head modules keep the source's projection names
     if pattern.act is None:
-        if any(_is_activation(c) for c in module.children()):
+        if any(is_activation(c) for c in module.children()):
             return False  # an activation module is there: a row naming it applies, or none
-    elif not _is_activation(_get(module, pattern.act)):
+    elif not is_activation(get_path(module, pattern.act)):
         return False
     if isinstance(pattern, Experts):
         gate_up, down = getattr(module, pattern.gate_up, None), getattr(module, pattern.down, None)
-        return isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == down.dim() == 3
-    names = [pattern.down] + ([pattern.fused] if getattr(pattern, "fused", None) else [pattern.up] +
+        # the row's layout, no extra gate_up rows (longcat_flash's zero-compute identity experts), and
+        # routing handed in (llama4's experts take the hidden states alone and route outside)
+        return (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
+                and pattern.shapes(gate_up, down) is not None and _takes_routing(type(module)))
+    names = ([pattern.down] if pattern.down else []) + ([pattern.fused] if getattr(pattern, "fused", None) else [pattern.up] +
                               ([pattern.gate] if isinstance(pattern, Gated) else []))
-    return all(_is_projection(_get(module, n)) for n in names)
+    if not all(is_projection(get_path(module, n)) for n in names):
+        return False
+    if not pattern.down:
+        return True
+    # widths must chain: one name can be plain in one model and fused in another (moshi's fc1 is 2F wide)
+    width = in_features(get_path(module, pattern.down))
+    if getattr(pattern, "fused", None):
+        return out_features(get_path(module, pattern.fused)) == 2 * width
+    return all(out_features(get_path(module, n)) == width for n in names[1:])
+
+
+def in_features(module: nn.Module) -> int:
+    """Input width of a Linear-like module (transformers' Conv1D keeps its weight as (in, out))."""
+    if hasattr(module, "nx"):
+        return int(module.nx)
+    if hasattr(module, "in_features"):
+        return int(module.in_features)
+    return int(module.weight.shape[-1])
+
+
+@functools.cache
+def _takes_routing(cls) -> bool:
+    """Whether cls.forward takes routing after the hidden states (top-k indices and weights, as
+    HeadExperts does), not the hidden states alone."""
+    try:
+        parameters = inspect.signature(cls.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_POSITIONAL for p in parameters) or len(parameters) >= 4
 
 
 def out_features(module: nn.Module) -> int:
@@ -177,13 +226,13 @@ def find_sites(model: nn.Module, *, causal: bool, encoder_decoder: bool) -> list
             continue
         where = f"{path} ({type(module).__name__})"
         activation = (UNKNOWN_ACTIVATION if pattern.act is None
-                      else identify_activation(_get(module, pattern.act), where))
+                      else identify_activation(get_path(module, pattern.act), where))
         if isinstance(pattern, Experts):
-            units = getattr(module, pattern.gate_up).shape[1] // 2
+            units = pattern.shapes(getattr(module, pattern.gate_up), getattr(module, pattern.down))[1]
         elif isinstance(pattern, Gated):
-            units = out_features(_get(module, pattern.fused)) // 2 if pattern.fused else out_features(_get(module, pattern.up))
+            units = out_features(get_path(module, pattern.fused)) // 2 if pattern.fused else out_features(get_path(module, pattern.up))
         else:
-            units = out_features(_get(module, pattern.up))
+            units = out_features(get_path(module, pattern.up))
         sites.append(Site(path, pattern, activation, is_causal_site(path, causal, encoder_decoder), units))
     _refuse_unknown_ffns(model, sites)
     return sites
@@ -218,6 +267,8 @@ def describe_patterns() -> list[dict]:
     rows = []
     for p in PATTERNS:
         fields = {k: getattr(p, k) for k in ("act", "gate", "up", "fused", "gate_up", "down") if getattr(p, k, None)}
+        if getattr(p, "transposed", False):
+            fields["layout"] = "gate_up (E, D, 2F), down (E, F, D)"
         rows.append({"kind": p.kind, **fields})
     return rows
 

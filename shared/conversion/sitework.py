@@ -15,7 +15,7 @@ import torch.nn as nn
 from accelerate.utils import set_module_tensor_to_device
 
 from .activations import exact_activation
-from .modules import GatedHeads, HeadExperts, NeuronHeads, ProductHeads
+from .modules import GatedHeads, HeadExperts, NeuronHeads, ProductHeads, expert_projection
 from .patterns import Experts, Gated, Plain, Site
 
 
@@ -47,7 +47,8 @@ class SiteWork:
             return self._module(p.down, torch.float64)(act(inputs[0].double()))
         module = self._module(None, torch.float64)
         if isinstance(p, Gated):
-            out = module(inputs[0].double())
+            args, kwargs = (_double(inputs[1]), _double(inputs[2])) if len(inputs) > 1 else ((), {})
+            out = module(inputs[0].double(), *args, **kwargs)
             return out[0] if isinstance(out, tuple) else out
         return module(inputs[0].double(), inputs[1], inputs[2].double())
 
@@ -64,15 +65,15 @@ class SiteWork:
                 gate, up = module.get_submodule(p.fused)(x).chunk(2, dim=-1)
             else:
                 gate, up = module.get_submodule(p.gate)(x), module.get_submodule(p.up)(x)
-            return module.get_submodule(p.down)(phi(gate) * up)
+            return module.get_submodule(p.down)(phi(gate) * up) if p.down else phi(gate) * up
         gate_up, down = getattr(module, p.gate_up), getattr(module, p.down)
         out = torch.zeros_like(x)
         index, weight = inputs[1], inputs[2].double()
         for e in index.unique().tolist():
             if 0 <= e < gate_up.shape[0]:
                 token, slot = torch.where(index == e)
-                gate, up = nn.functional.linear(x[token], gate_up[e]).chunk(2, dim=-1)
-                y = nn.functional.linear(phi(gate) * up, down[e]) * weight[token, slot, None]
+                gate, up = expert_projection(x[token], gate_up[e], p.transposed).chunk(2, dim=-1)
+                y = expert_projection(phi(gate) * up, down[e], p.transposed) * weight[token, slot, None]
                 out.index_add_(0, token, y)
         return out
 
@@ -94,7 +95,8 @@ class SiteWork:
             _load(gated, tensors, dtype, only=("gate_heads.", "product."))
             return gated
         gate_up = self.weights[self.site.join(p.gate_up)]
-        experts = HeadExperts(gate_up.shape[0], self.site.units, gate_up.shape[2], plan["heads_per_unit"])
+        E, F, D = p.shapes(gate_up, self.weights[self.site.join(p.down)])
+        experts = HeadExperts(E, F, D, plan["heads_per_unit"], p.transposed)
         _load(experts, {**tensors, "gate_up_proj": gate_up, "down_proj": self.weights[self.site.join(p.down)]}, dtype)
         return experts
 
@@ -112,6 +114,17 @@ class _PlainSite(nn.Module):
 
     def forward(self, u):
         return self.down(self.heads(u))
+
+
+def _double(value):
+    """value with its floating tensors (in tuples, lists, dicts too) in float64."""
+    if isinstance(value, torch.Tensor):
+        return value.double() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_double(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _double(v) for k, v in value.items()}
+    return value
 
 
 def _load(module: nn.Module, tensors: dict, dtype, only=None):

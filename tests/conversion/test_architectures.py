@@ -42,6 +42,7 @@ ARCHITECTURES = {  # test id -> (model_type, Auto class, config overrides)
     "ctrl": ("ctrl", CAUSAL, {}),  # the FFN is an nn.Sequential
     "mpt": ("mpt", CAUSAL, {}),
     "lfm2": ("lfm2", CAUSAL, {}),  # F.silu inline: the verification finds the activation
+    "openai-gpt": ("openai-gpt", CAUSAL, {}),  # gelu kept as a function attribute: wrapped as a module
     "bart-decoder": ("bart", CAUSAL, {}),  # a causal LM built from an encoder-decoder's config
     "bert": ("bert", "AutoModel", {}),
     "roberta": ("roberta", "AutoModel", {}),
