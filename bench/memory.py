@@ -1,11 +1,15 @@
-"""Peak memory, time per stage and bytes of a conversion, for LLaMA-shaped checkpoints that are
-written straight to disk, tensor by tensor (the model is never built in memory).
+"""Peak memory, time per stage and bytes of a conversion, for LLaMA- and Mixtral-shaped checkpoints
+that are written straight to disk, tensor by tensor (the model is never built in memory).
 
 * Checkpoints: config.json (transformers' LlamaConfig, architectures ["LlamaForCausalLM"]) and
   safetensors shards written by a streaming writer in this file (8-byte little-endian header
   length, JSON header, then the raw bytes of one tensor after another); tensors named exactly as
   LlamaForCausalLM's state dict, random normal values generated in chunks in the storage dtype:
-  std 0.02 for weights, 1 + 0.02 N(0, 1) for the RMSNorm weights; lm_head untied.
+  std 0.02 for weights, 1 + 0.02 N(0, 1) for the RMSNorm weights; lm_head untied. Mixtral-shaped
+  (MixtralConfig, ["MixtralForCausalLM"]): the same with every MLP a router (E x D) and the
+  experts fused as transformers' state dict names them (gate_up_proj E x 2F x D, down_proj
+  E x D x F); checkpoints on the Hub store experts one by one, which the converter loads whole
+  through transformers instead (shared/conversion/weights.py), so they are not what this measures.
 * Conversion: convert(src, out, ConversionOptions(...)) with all three checks, in a child
   process (a fresh interpreter per model). The parent polls /proc/<child>/status every 50 ms
   (RssAnon, RssFile, VmHWM) and keeps the maxima, overall and per phase of the conversion (the
@@ -14,16 +18,19 @@ written straight to disk, tensor by tensor (the model is never built in memory).
   reports its own VmHWM at the end.
 * Baseline: a child that only imports torch, transformers, accelerate and shared.conversion;
   its RssAnon is subtracted ("net").
-* Reference for the peak: the largest module's bytes in float32 (for these shapes the
-  embedding / lm_head, V x D) + activations (logits N x V x 4, hidden states of every layer
-  (L + 1) x N x D x 4, three float64 N x F intermediates of one MLP), N = calibration tokens.
-  An estimate of what a one-module-at-a-time conversion must hold, not a proof of a bound.
+* Reference for the peak: the largest module's bytes in float32 (the embedding / lm_head, V x D,
+  or a Mixtral-shaped MLP with all its experts) + activations (logits N x V x 4, one block's input
+  and output 2 x N x D x 4, three float64 N x F intermediates of one MLP, x top_k for experts),
+  N = calibration tokens. An estimate of what a one-module-at-a-time conversion must hold, not a
+  proof of a bound; the issue's target is net / ref <= 3, the same at every depth.
 * Bytes: converted *.safetensors bytes / source *.safetensors bytes; and whether every source
   tensor kept its dtype and shape in the converted files.
 
     .venv/bin/python bench/memory.py --threads 1                 # the default table (~8 min)
     .venv/bin/python bench/memory.py --quick                     # tiny shapes, plumbing only
     .venv/bin/python bench/memory.py --size 8b --threads 1       # Llama-3-8B shape, ~16 GB bf16 on disk, ~32 min
+    .venv/bin/python bench/memory.py --size moe --threads 1      # Mixtral shape at D=1024, 16 layers, 2.83 GiB bf16
+    .venv/bin/python bench/memory.py --size moe-depth --threads 1  # Mixtral shape, D=512, 4 vs 16 layers
     .venv/bin/python bench/memory.py --size 8b --workdir /big/dir --keep
 
 --workdir DIR keeps nothing unless --keep is given (files are removed at the end, also on
@@ -76,6 +83,8 @@ class Shape:
     rope_theta: float = 10000.0
     bos: int = 1
     eos: int = 2
+    experts: int = 0  # Mixtral-shaped when > 0: E experts of intermediate size F each, top_k per token
+    top_k: int = 2
 
     @property
     def head_dim(self):
@@ -91,9 +100,14 @@ class Shape:
             yield f"{p}.self_attn.k_proj.weight", (kv, D), "w"
             yield f"{p}.self_attn.v_proj.weight", (kv, D), "w"
             yield f"{p}.self_attn.o_proj.weight", (D, self.heads * self.head_dim), "w"
-            yield f"{p}.mlp.gate_proj.weight", (F, D), "w"
-            yield f"{p}.mlp.up_proj.weight", (F, D), "w"
-            yield f"{p}.mlp.down_proj.weight", (D, F), "w"
+            if self.experts:
+                yield f"{p}.mlp.gate.weight", (self.experts, D), "w"
+                yield f"{p}.mlp.experts.gate_up_proj", (self.experts, 2 * F, D), "w"
+                yield f"{p}.mlp.experts.down_proj", (self.experts, D, F), "w"
+            else:
+                yield f"{p}.mlp.gate_proj.weight", (F, D), "w"
+                yield f"{p}.mlp.up_proj.weight", (F, D), "w"
+                yield f"{p}.mlp.down_proj.weight", (D, F), "w"
             yield f"{p}.input_layernorm.weight", (D,), "norm"
             yield f"{p}.post_attention_layernorm.weight", (D,), "norm"
         yield "model.norm.weight", (D,), "norm"
@@ -106,14 +120,21 @@ class Shape:
         return self.params() * DTYPES[self.dtype][1]
 
     def config(self) -> dict:
-        return dict(architectures=["LlamaForCausalLM"], hidden_size=self.hidden, intermediate_size=self.intermediate,
+        moe = dict(num_local_experts=self.experts, num_experts_per_tok=self.top_k) if self.experts else {}
+        return dict(**moe, architectures=["MixtralForCausalLM" if self.experts else "LlamaForCausalLM"], hidden_size=self.hidden, intermediate_size=self.intermediate,
                     num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
                     head_dim=self.head_dim, vocab_size=self.vocab, max_position_embeddings=self.max_positions,
                     rms_norm_eps=1e-5, rope_theta=self.rope_theta, hidden_act="silu", tie_word_embeddings=False,
                     bos_token_id=self.bos, eos_token_id=self.eos, dtype=self.dtype)
 
+    def config_class(self):
+        from transformers import LlamaConfig, MixtralConfig
+
+        return MixtralConfig if self.experts else LlamaConfig
+
     def describe(self):
-        return (f"LLaMA-shaped D={self.hidden}, F={self.intermediate}, {self.heads} heads / {self.kv_heads} KV heads, "
+        kind = f"Mixtral-shaped, {self.experts} experts (top {self.top_k}) of" if self.experts else "LLaMA-shaped"
+        return (f"{kind} D={self.hidden}, F={self.intermediate}, {self.heads} heads / {self.kv_heads} KV heads, "
                 f"vocab {self.vocab}, {self.layers} layers, {self.dtype}: {self.params() / 1e6:.0f}M parameters, "
                 f"{fmt_bytes(self.weight_bytes())} of weights")
 
@@ -136,10 +157,20 @@ QUICK_MODELS = [Shape(f"tiny-L{L}-{SHORT[d]}", hidden=64, intermediate=176, laye
                       dtype=d, max_positions=256) for L, d in ((1, "bfloat16"), (4, "bfloat16"), (1, "float32"))]
 LLAMA3_8B = Shape("llama3-8b-shape-bf16", hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256,
                   dtype="bfloat16", max_positions=8192, rope_theta=500000.0, bos=128000, eos=128001)
+# Mixtral-8x7B's proportions (F = 3.5 D, 8 experts, top 2, 4:1 query:KV heads) at D=1024, 16 layers:
+# 1.52B parameters, 2.83 GiB bf16, sized to convert with all checks in ~15 min on 2 shared cores
+MIXTRAL_SHAPE = Shape("mixtral-shape-D1024-L16-bf16", hidden=1024, intermediate=3584, layers=16, heads=16, kv_heads=4,
+                      vocab=32000, dtype="bfloat16", max_positions=4096, rope_theta=1e6, experts=8)
+MOE_DEPTH_MODELS = [Shape(f"moe-D512-L{L}-bf16", hidden=512, intermediate=1792, layers=L, heads=8, kv_heads=2,
+                          vocab=32000, dtype="bfloat16", max_positions=4096, rope_theta=1e6, experts=8)
+                    for L in (4, 16)]
 
 OPTIONS = {"default": dict(calibration_tokens=256, seq_len=64, greedy_tokens=8, checks=["local", "propagated", "greedy"]),
            "quick": dict(calibration_tokens=32, seq_len=16, greedy_tokens=4, checks=["local", "propagated", "greedy"]),
-           "8b": dict(calibration_tokens=64, seq_len=32, greedy_tokens=4, checks=["local", "propagated", "greedy"])}
+           "8b": dict(calibration_tokens=64, seq_len=32, greedy_tokens=4, checks=["local", "propagated", "greedy"]),
+           # routing spreads 256 tokens x top 2 over 8 experts: ~64 tokens per expert, as the dense default's
+           # calibration sees per site 256; fewer greedy tokens (each step reloads every expert)
+           "moe": dict(calibration_tokens=256, seq_len=64, greedy_tokens=4, checks=["local", "propagated", "greedy"])}
 
 
 # --- writing a checkpoint without building the model -------------------------------------
@@ -147,10 +178,9 @@ OPTIONS = {"default": dict(calibration_tokens=256, seq_len=64, greedy_tokens=8, 
 def write_checkpoint(shape: Shape, directory: Path, max_shard_bytes: int, seed: int = 0, log=None) -> dict:
     """config.json + model.safetensors (or shards + index), streamed one tensor at a time."""
     import torch
-    from transformers import LlamaConfig
 
     directory.mkdir(parents=True, exist_ok=True)
-    LlamaConfig(**shape.config()).save_pretrained(directory)
+    shape.config_class()(**shape.config()).save_pretrained(directory)
     dtype, (st_dtype, size) = getattr(torch, shape.dtype), DTYPES[shape.dtype]
     entries = list(shape.tensors())
     shards, current, used = [], [], 0
@@ -467,13 +497,15 @@ def measure_baseline(log, repeats=2):
 
 def reference_bytes(shape: Shape, options: dict) -> dict:
     """Largest module in float32 + the activations a pass keeps (see the module docstring)."""
-    D, F, V, L = shape.hidden, shape.intermediate, shape.vocab, shape.layers
+    D, F, V, E = shape.hidden, shape.intermediate, shape.vocab, max(1, shape.experts)
     kv = shape.kv_heads * shape.head_dim
-    modules = {"embed_tokens / lm_head": V * D, "decoder layer": 2 * D * D + 2 * kv * D + 3 * D * F, "mlp": 3 * D * F}
+    mlp = 3 * D * F * E + (E * D if shape.experts else 0)
+    modules = {"embed_tokens / lm_head": V * D, "decoder layer": 2 * D * D + 2 * kv * D + mlp, "mlp": mlp}
     name, largest = max(modules.items(), key=lambda kv_: kv_[1])
     n_seq = max(1, -(-options["calibration_tokens"] // options["seq_len"]))
     N = n_seq * min(options["seq_len"], shape.max_positions)
-    acts = {"logits": N * V * 4, "hidden states": (L + 1) * N * D * 4, "mlp fp64": 3 * N * F * 8}
+    # one block's input and output: the checks no longer keep every block's hidden states
+    acts = {"logits": N * V * 4, "hidden states": 2 * N * D * 4, "mlp fp64": 3 * N * F * 8 * (shape.top_k if shape.experts else 1)}
     return {"module": name, "module_bytes": largest * 4, "activations": acts, "tokens": N,
             "total": largest * 4 + sum(acts.values())}
 
@@ -612,22 +644,22 @@ def print_ratios(rows, log):
                       f"{fmt_bytes(r['above_loaded'])} / {fmt_bytes(r['reference']['total'])}",
                       _ratio(r["above_loaded"], r["reference"]["total"]), ""))
     by = {(r["layers"], r["dtype"]): r for r in rows}
-    small, deep = by.get((4, "bfloat16")), by.get((64, "bfloat16"))
+    small, deep = by.get((4, "bfloat16")), by.get((64, "bfloat16")) or by.get((16, "bfloat16"))
     if small and deep:
         growth = deep["peak_net"] / small["peak_net"] - 1
-        lines.append(("flat in depth: peak RssAnon net, 64 vs 4 layers (bf16)",
+        lines.append((f"flat in depth: peak RssAnon net, {deep['layers']} vs 4 layers (bf16)",
                       f"{fmt_bytes(deep['peak_net'])} vs {fmt_bytes(small['peak_net'])}", f"{growth:+.1%}",
                       "yes" if growth <= FLAT_LIMIT else "NO"))
         mid = by.get((16, "bfloat16"))
-        if mid:
+        if mid and mid is not deep:
             lines.append(("  16 vs 4 layers (bf16)", f"{fmt_bytes(mid['peak_net'])} vs {fmt_bytes(small['peak_net'])}",
                           f"{mid['peak_net'] / small['peak_net'] - 1:+.1%}", ""))
         if deep.get("above_loaded") and small.get("above_loaded"):
-            lines.append(("  64 vs 4 layers, above the level after 'loading'",
+            lines.append((f"  {deep['layers']} vs 4 layers, above the level after 'loading'",
                           f"{fmt_bytes(deep['above_loaded'])} vs {fmt_bytes(small['above_loaded'])}",
                           f"{deep['above_loaded'] / small['above_loaded'] - 1:+.1%}", ""))
         per_layer = (deep["peak_net"] - small["peak_net"]) / (deep["layers"] - small["layers"])
-        lines.append(("  growth per added layer (64 vs 4)", fmt_bytes(per_layer), "", ""))
+        lines.append((f"  growth per added layer ({deep['layers']} vs 4)", fmt_bytes(per_layer), "", ""))
     for r in ok:
         lines.append((f"{r['model']}: converted / source weights bytes", f"{r['converted_bytes']} / {r['source_bytes']}",
                       f"{r['bytes_ratio']:.5f}", "yes" if r["bytes_ratio"] <= BYTES_LIMIT else "NO"))
@@ -664,7 +696,7 @@ def _on_signal(signum, frame):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=["default", "8b"], default="default")
+    parser.add_argument("--size", choices=["default", "8b", "moe", "moe-depth"], default="default")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (plumbing only)")
     parser.add_argument("--only", default=None, help="comma-separated model names of the default table")
     parser.add_argument("--workdir", type=Path, default=None, help="where the checkpoints go (default: a temp dir in /tmp)")
@@ -700,6 +732,8 @@ def main(argv=None):
     if args.size == "8b":
         models, options = [LLAMA3_8B], dict(OPTIONS["8b"])
         args.verbose = True
+    elif args.size in ("moe", "moe-depth"):
+        models, options = ([MIXTRAL_SHAPE] if args.size == "moe" else MOE_DEPTH_MODELS), dict(OPTIONS["moe"])
     elif args.quick:
         models, options = QUICK_MODELS, dict(OPTIONS["quick"])
     else:

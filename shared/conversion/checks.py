@@ -4,7 +4,9 @@ local       every FFN site's heads against the source module in float64, on the 
             site saw in the reference pass (calibrate.LocalCheck): the construction's error
 propagated  each model runs on its own from the tokens: hidden states after every block, then
             logits (max |Δ|, max relative, RMS, KL, top-1) or, without an LM head, the last
-            hidden states (max relative, min cosine)
+            hidden states (max relative, min cosine). Neither pass keeps its hidden states: the
+            reference's go to a temporary file as they are made (StoredStates), the converted
+            model's are compared with them one by one (Residuals), so memory stays flat in depth
 greedy      transformers' generate() on both; a step where the two part is a tie when the
             reference's top-two logits there are closer than twice the measured logit error
             (counted, reported, and the comparison goes on from the reference's token)
@@ -13,6 +15,10 @@ The measured logit error is the largest over the positions where both models agr
 top token: measured away from the parting itself (where the error must reach half the
 reference's margin for the models to part at all).
 """
+import contextvars
+import io
+import math
+import tempfile
 import time
 
 import torch
@@ -45,15 +51,140 @@ def final_output(out) -> tuple[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def run(model, batch, encoder_decoder: bool, hidden_states: bool = True):
-    return model(**model_inputs(batch, encoder_decoder), output_hidden_states=hidden_states, use_cache=False)
+def run(model, batch, encoder_decoder: bool, keep_states: bool = True, on_state=None):
+    """The model's forward on batch. on_state(index, state) gets every hidden state, indexed as in
+    hidden_states(output); unless keep_states, they are handed over as the model makes them and
+    the output keeps an empty tensor in their place (models that collect them without
+    transformers' output capturing hand them over from the output, after the pass)."""
+    inputs = model_inputs(batch, encoder_decoder)
+    if on_state is None or keep_states:
+        out = model(**inputs, output_hidden_states=keep_states, use_cache=False)
+        for index, state in enumerate(hidden_states(out) if on_state else []):
+            on_state(index, state)
+        return out
+    stream = _Stream(on_state)
+    token = _STREAM.set(stream if _capture_passes_states() else None)
+    try:
+        out = model(**inputs, output_hidden_states=True, use_cache=False)
+    finally:
+        _STREAM.reset(token)
+    for state in hidden_states(out):
+        if state is not None and state is not PASSED_ON:
+            stream(stream.next, state)
+    return out
 
 
-def propagated(ours_out, ref_out, attention_mask) -> dict:
+# transformers' output capturing (capture_outputs) collects a forward's hidden states in a list it
+# makes for each forward and hands to its hooks through output_capturing._active_collector.set().
+# Inside run(..., keep_states=False) that list is replaced by one that passes each state on and
+# keeps PASSED_ON: the states of every block are then never alive together. (Not None: the
+# collector takes a None last entry for "not selected" and would skip the final norm's output.)
+PASSED_ON = torch.empty(0)
+_STREAM = contextvars.ContextVar("attnonly_hidden_state_stream", default=None)
+
+
+class _Stream:
+    """on_state with the running index across the lists of one forward (encoder, then decoder)."""
+
+    def __init__(self, on_state):
+        self.on_state, self.next = on_state, 0
+
+    def __call__(self, index: int, state: torch.Tensor) -> None:
+        self.on_state(index, state)
+        self.next = max(self.next, index + 1)
+
+
+class _PassedOn(list):
+    def __init__(self, stream: _Stream, base: int | None = None, items=()):
+        super().__init__(items)
+        self.stream, self.base = stream, stream.next if base is None else base
+
+    def append(self, state):
+        if state is not None:  # capture_outputs replaces the last state by the final norm's output: same index
+            self.stream(self.base + len(self), state)
+        super().append(None if state is None else PASSED_ON)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return _PassedOn(self.stream, self.base, super().__getitem__(key))
+        return super().__getitem__(key)
+
+
+def _capture_passes_states() -> bool:
+    """Whether transformers' collector hands this module's list to its hooks (installed once; the
+    replacement is inert outside run(..., keep_states=False)). False where transformers has no such
+    collector: the states are then handed over from the output."""
+    try:
+        from transformers.utils import output_capturing
+
+        collector = output_capturing._active_collector
+    except (ImportError, AttributeError):
+        return False
+    if getattr(collector, "attnonly_passes_states", False):
+        return True
+    original = collector.set
+
+    def set_(value):
+        stream = _STREAM.get()
+        if stream is not None and isinstance(value, dict) and isinstance(value.get("hidden_states"), list):
+            value["hidden_states"] = _PassedOn(stream)
+        return original(value)
+
+    collector.set, collector.attnonly_passes_states = set_, True
+    return True
+
+
+class StoredStates:
+    """on_state for the reference pass: each hidden state at the real positions, written to a
+    temporary file (not kept in memory) as the pass makes it."""
+
+    def __init__(self, attention_mask):
+        self.keep = None if attention_mask is None else attention_mask.bool()
+        # index -> one entry per time the pass handed that index over: transformers' capture hands
+        # the last index over twice (the last block's output, then the model's last_hidden_state,
+        # which may be projected to another width: OPT's project_out), the converted pass alike
+        self.file, self.where = tempfile.TemporaryFile(prefix="attnonly-states-"), {}
+
+    def __call__(self, index: int, state: torch.Tensor) -> None:
+        rows = _real(state, self.keep).detach().contiguous()
+        offset = self.file.seek(0, io.SEEK_END)
+        self.file.write(rows.view(-1).view(torch.uint8).numpy().tobytes())
+        self.where.setdefault(index, []).append((offset, rows.dtype, tuple(rows.shape)))
+
+    def occurrences(self, index: int) -> int:
+        return len(self.where.get(index, ()))
+
+    def get(self, index: int, occurrence: int = -1) -> torch.Tensor:
+        offset, dtype, shape = self.where[index][occurrence]
+        self.file.seek(offset)
+        data = bytearray(self.file.read(math.prod(shape) * dtype.itemsize))
+        return torch.frombuffer(data, dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Residuals:
+    """on_state for the converted pass: each hidden state against the reference's stored one; keeps
+    only the relative error."""
+
+    def __init__(self, reference: StoredStates):
+        self.reference, self.errors, self.seen = reference, {}, {}
+
+    def __call__(self, index: int, state: torch.Tensor) -> None:
+        """The k-th state handed over at an index against the reference's k-th; the last one counts."""
+        occurrence = self.seen.get(index, 0)
+        self.seen[index] = occurrence + 1
+        if occurrence < self.reference.occurrences(index):
+            self.errors[index] = relative_error(_real(state, self.reference.keep), self.reference.get(index, occurrence))
+
+    def table(self) -> list[dict]:
+        return [{"index": i, "residual_rel": e} for i, e in sorted(self.errors.items())]
+
+
+def propagated(ours_out, ref_out, attention_mask, residual: list[dict]) -> dict:
+    """residual: Residuals.table() of the converted pass against the reference's."""
     keep = None if attention_mask is None else attention_mask.bool()
-    residual = []
-    for i, (a, b) in enumerate(zip(hidden_states(ours_out), hidden_states(ref_out))):
-        residual.append({"index": i, "residual_rel": relative_error(_real(a, keep), _real(b, keep))})
     kind, ours = final_output(ours_out)
     _, ref = final_output(ref_out)
     result = {"residual": residual}
