@@ -5,6 +5,7 @@ Library half, on this machine:
     check OUT SRC
     generate OUT --prompt-ids 1,2,3 --max-new-tokens 20
     inspect OUT
+    explain OUT --layer L --unit K [--figure PATH] [--report]
     architectures
 Service half, through the HTTP API (--api-url/--api-key, or ATTNONLY_API_URL/ATTNONLY_API_KEY):
     submit URL [--option key=value ...] [--wait] [--download DIR]
@@ -148,6 +149,14 @@ def parse_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError("token ids must be integers separated by commas") from None
 
 
+def parse_unit(text: str) -> tuple[int, int]:
+    layer, sep, unit = text.partition(":")
+    try:
+        return int(layer), int(unit)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a unit is LAYER:UNIT, e.g. 0:5") from None
+
+
 def error(code: str, message: str) -> None:
     print(f"error [{code}]: {message}", file=sys.stderr)
 
@@ -163,10 +172,15 @@ def run_library(args) -> int:
 
             options = ConversionOptions(tolerance=args.tolerance, dtype=args.dtype, calibration=args.calibration,
                                         calibration_tokens=args.calibration_tokens,
-                                        seq_len=args.seq_len, greedy_tokens=args.greedy_tokens, allow_pickle=args.allow_pickle)
+                                        seq_len=args.seq_len, greedy_tokens=args.greedy_tokens, allow_pickle=args.allow_pickle,
+                                        construction=args.construction, explicit_max_params=args.explicit_max_params)
             report = convert(args.source, args.out, options, progress=bars)
             bars.close()
             print(summary_table(report))
+            if args.explain:
+                from .explain_cli import add_to_report
+
+                add_to_report(args.out, args.explain)
             print(f"\nwrote {args.out}/ (config.json, weights, report.json)")
             return EXIT_OK if report.passed else EXIT_FAILED
         if args.command == "check":
@@ -178,6 +192,10 @@ def run_library(args) -> int:
             return EXIT_OK if report.passed else EXIT_FAILED
         if args.command == "inspect":
             return inspect(args.out)
+        if args.command == "explain":
+            from .explain_cli import run_explain
+
+            return run_explain(args)
         if args.command == "architectures":
             from .patterns import TABLE_FILE, describe_patterns
 
@@ -347,6 +365,8 @@ def print_job(job) -> None:
         ("finished", job.finished_at.isoformat() if job.finished_at else "-"),
         ("attempts", str(job.attempts)),
     ]
+    if job.reused_from:
+        rows.append(("reused from", job.reused_from))
     if job.error:
         rows.append(("error", f"[{job.error.code}] {job.error.message}"))
     for key in ("passed", "ffn_sites", "attention_heads_added", "max_local_rel", "logits_max_rel", "kl_max"):
@@ -439,7 +459,7 @@ def run_service(args) -> int:
 
 # --- the parser -------------------------------------------------------------------------------
 
-LIBRARY_COMMANDS = ("convert", "check", "generate", "inspect", "architectures")
+LIBRARY_COMMANDS = ("convert", "check", "generate", "inspect", "explain", "architectures")
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -474,6 +494,12 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=64, help="calibration and check sequence length")
     p.add_argument("--greedy-tokens", type=int, default=32, help="length of the greedy continuation compared")
     p.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (torch.load weights_only=True)")
+    p.add_argument("--construction", choices=("compact", "explicit"), default="compact",
+                   help="explicit: literal Q/K/V/O heads over a widened residual, for small models (docs/DESIGN.md §8)")
+    p.add_argument("--explicit-max-params", type=int, default=50_000_000, metavar="N",
+                   help="refuse an explicit form with more head parameters than this (default 50M)")
+    p.add_argument("--explain", action="append", type=parse_unit, metavar="L:K",
+                   help="add unit K of layer L, in both forms, to report.html (repeatable)")
     p = command("check", "re-run the equivalence checks of a converted checkpoint")
     p.add_argument("out"), p.add_argument("source")
     p = command("generate", "greedy continuation with a converted decoder")
@@ -482,6 +508,14 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=20)
     p = command("inspect", "per FFN site of a converted directory: kind, activation, heads, omega, errors (report.json)")
     p.add_argument("out", help="a converted directory, or its report.json")
+    p = command("explain", "one FFN unit's head in both forms: compact (a, c, g, Omega) and explicit (Q, K, V, O), "
+                "and its attention pattern on an example")
+    p.add_argument("out", help="a converted directory")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--unit", type=int, required=True)
+    p.add_argument("--prompt-ids", type=parse_ids, default=None, help="the example tokens (default: 8 random ids)")
+    p.add_argument("--figure", metavar="PATH", help="also write the figure (.svg or .png)")
+    p.add_argument("--report", action="store_true", help="also add the unit to OUT/report.html")
     command("architectures", "print the FFN patterns the converter recognises")
 
     p = command("submit", "submit a conversion job to the service; prints its id", service=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import allocator, checks, host, model_card
+from . import allocator, checks, explicit_build, explicit_convert, host, model_card
 from .calibrate import Calibrator, LocalCheck, hook_site
 from .checkpoint import SourceCheckpoint, storage_dtype
 from .errors import ConversionCancelled, InvalidOptionsError, SourceMismatchError, UnsupportedArchitectureError
@@ -76,8 +76,9 @@ class Source:
         self.tokenizer = load_tokenizer(directory)
         text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
         self.vocab_size = int(text.vocab_size)
-        self.max_positions = int(getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-                                 or DEFAULT_CONTEXT)
+        limits = (getattr(text, "max_position_embeddings", None), getattr(text, "n_positions", None))
+        # the first positive limit: XLNet's max_position_embeddings is -1 ("no limit")
+        self.max_positions = int(next((n for n in limits if isinstance(n, int) and n > 0), DEFAULT_CONTEXT))
 
     def reference(self):
         """transformers' own model, its weights loaded module by module as it runs."""
@@ -94,6 +95,8 @@ def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, progr
     progress("loading", 0, 1)
     source = Source(source_dir, options)
     progress("loading", 1, 1)
+    if options.construction == "explicit":  # the size guard, before any calibration
+        explicit_build.guard(source.probe, source.sites, source.max_positions, options.explicit_max_params)
 
     t = time.perf_counter()
     batch = calibration_batch(options, source.tokenizer, source.vocab_size, source.max_positions)
@@ -101,7 +104,7 @@ def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, progr
     calibrator = Calibrator(source.probe, source.weights, options.tolerance, source.max_positions, source.dtype,
                             progress=lambda site: _tick(done, "calibrating", len(source.sites), progress, cancel_point))
     reference = source.reference()
-    _pass(reference, source.sites, calibrator, batch, source.encoder_decoder, hidden_states=False)
+    _pass(reference, source.sites, calibrator, batch, source.encoder_decoder)
     missing = [s.path for s in source.sites if s.path not in calibrator.results]
     if missing:
         raise UnsupportedArchitectureError(f"FFN sites never ran in a forward pass: {missing[:5]}")
@@ -109,6 +112,8 @@ def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, progr
 
     t = time.perf_counter()
     results = [calibrator.results[s.path] for s in source.sites]
+    explicit_tensors, explicit_entry = (explicit_convert.build(source, results, options)
+                                        if options.construction == "explicit" else ({}, None))
     config = dict(source.checkpoint.config)
     config[SECTION] = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "converter_version": CONVERTER_VERSION,
@@ -119,7 +124,10 @@ def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, progr
         "calibration": {**batch.describe(), "seed": options.seed, **_corpus_identity(batch)},
         "sites": [r.plan for r in results],
     }
+    if explicit_entry:
+        config[SECTION]["explicit"] = explicit_entry
     head_tensors = {f"{host.head_module_names(r.site)}.{name}": tensor for r in results for name, tensor in r.tensors.items()}
+    head_tensors.update(explicit_tensors)
     _write(out, source, config, head_tensors, options, progress, cancel_point)
     timings["write_s"] = time.perf_counter() - t
 
@@ -155,11 +163,12 @@ def _tick(done: list, stage: str, total: int, progress, cancel_point):
 
 
 @torch.no_grad()
-def _pass(model, sites, on_inputs, batch, encoder_decoder, hidden_states=True):
-    """One forward pass of `model` on `batch` with on_inputs hooked to every site; returns the output."""
+def _pass(model, sites, on_inputs, batch, encoder_decoder, on_state=None):
+    """One forward pass of `model` on `batch` with on_inputs hooked to every site, its hidden states
+    handed to on_state (checks.run); returns the output."""
     handles = [hook_site(model, site, on_inputs) for site in sites]
     try:
-        return checks.run(model, batch, encoder_decoder, hidden_states)
+        return checks.run(model, batch, encoder_decoder, keep_states=False, on_state=on_state)
     finally:
         for handle in handles:
             handle.remove()
@@ -182,6 +191,7 @@ def _write(out: Path, source: Source, config: dict, head_tensors: dict, options,
     buffers = {n for n, _ in converted.named_buffers()}
     names = [n for n in converted.state_dict() if n not in aliases and (n in head_tensors or n in source.weights)
              and not (n in buffers and n not in source.weights)]
+    names += [n for n in head_tensors if n not in set(names)]  # the explicit form's matrices
     layout = {n: ((head_tensors[n].dtype, tuple(head_tensors[n].shape)) if n in head_tensors else source.weights.info(n))
               for n in names}
     written_layers = set()
@@ -215,16 +225,34 @@ def _run_checks(report, source: Source, reference, results, out, options, progre
     done = []
     local = LocalCheck(source.probe, source.weights, results, source.dtype,
                        progress=lambda site: _tick(done, "checking", len(source.sites), progress, cancel_point))
-    ref_out = _pass(reference, source.sites, local, batch, source.encoder_decoder)
+    explicit = None
+    if options.construction == "explicit":  # the explicit heads' own local check, in the same pass
+        explicit = explicit_convert.LocalCheck(source.probe, source.weights, {p: r.plan for p, r in results.items()},
+                                               out, source.dtype)
+    handles = explicit.hooks(reference, source.sites) if explicit else []
+    # the reference's hidden states go to a temporary file, not memory (flat in depth)
+    stored = checks.StoredStates(batch.attention_mask) if "propagated" in options.checks else None
+    try:
+        ref_out = _pass(reference, source.sites, local, batch, source.encoder_decoder, on_state=stored)
+    finally:
+        for handle in handles:
+            handle.remove()
     if "local" in options.checks:
-        report.local = [{"site": s.path, "layer": s.layer, "kind": s.pattern.kind, "ffn_rel": local.errors[s.path],
-                         "calibration_rel": results[s.path].calibration_rel} for s in source.sites]
+        report.local = [{"site": s.path, "layer": s.layer, "kind": s.pattern.kind,
+                         "ffn_rel": (explicit or local).errors[s.path], "calibration_rel": results[s.path].calibration_rel,
+                         **({"compact_rel": local.errors[s.path]} if explicit else {})} for s in source.sites]
     converted = load_converted(out, dtype=options.dtype, layerwise=True)
     if "propagated" in options.checks:
         cancel_point()
-        with torch.no_grad():
-            ours_out = checks.run(converted, batch, source.encoder_decoder)
-        report.propagated = checks.propagated(ours_out, ref_out, batch.attention_mask)
+        residuals = checks.Residuals(stored)
+        with torch.no_grad():  # the explicit form compares its hidden states with the compact form's: kept
+            ours_out = checks.run(converted, batch, source.encoder_decoder, keep_states=explicit is not None,
+                                  on_state=residuals)
+        stored.close()
+        report.propagated = checks.propagated(ours_out, ref_out, batch.attention_mask, residuals.table())
+        if explicit:
+            report.propagated["explicit_vs_compact"] = explicit_convert.versus_compact(
+                ours_out, out, batch, options, source.encoder_decoder)
     has_lm_head = getattr(ref_out, "logits", None) is not None
     if "greedy" in options.checks and has_lm_head and options.greedy_tokens and hasattr(converted, "generate"):
         cancel_point()
@@ -238,7 +266,8 @@ def check(out_dir, source_dir, options: ConversionOptions | None = None, progres
     """Re-run the equivalence checks of a converted directory against its source."""
     config = read_config(out_dir)
     section = config[SECTION]
-    options = options or ConversionOptions(dtype=section["compute_dtype"], tolerance=section["tolerance"])
+    options = options or ConversionOptions(dtype=section["compute_dtype"], tolerance=section["tolerance"],
+                                           construction=section.get("construction", "compact"))
     source = Source(Path(source_dir), options)
     if source.checkpoint.weights_sha256() != section["source"]["weights_sha256"]:
         raise SourceMismatchError(f"{source_dir} is not the checkpoint {out_dir} was converted from (weights hash differs)")

@@ -58,3 +58,7 @@ class SourceMismatchError(ConversionError):
 
 class TooLargeForWorkerError(ConversionError):
     code = "too_large_for_worker"
+
+
+class ExplicitTooLargeError(ConversionError):
+    code = "explicit_too_large"

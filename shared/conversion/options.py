@@ -20,7 +20,8 @@ class ConversionOptions:
     seq_len: int = 64
     calibration_token_ids: Optional[list[list[int]]] = None  # explicit calibration sequences
     max_shard_bytes: int = 5 * 10**9
-    construction: Literal["compact"] = "compact"
+    construction: Literal["compact", "explicit"] = "compact"  # explicit: literal Q/K/V/O heads (DESIGN.md §8)
+    explicit_max_params: int = 50_000_000  # the explicit form's size guard (parameters of its head matrices)
     checks: list[str] = field(default_factory=lambda: list(CHECK_KINDS))
     greedy_tokens: int = 32
     device: Optional[str] = None  # None: cuda when available, else cpu
@@ -34,8 +35,10 @@ class ConversionOptions:
             self.tolerance = DEFAULT_TOLERANCE[self.dtype]
         if not (0 < self.tolerance < 1):
             raise InvalidOptionsError(f"tolerance must be in (0, 1), not {self.tolerance}")
-        if self.construction != "compact":
-            raise InvalidOptionsError(f"construction {self.construction!r} is not offered; use 'compact'")
+        if self.construction not in ("compact", "explicit"):
+            raise InvalidOptionsError(f"construction must be compact or explicit, not {self.construction!r}")
+        if self.explicit_max_params < 1:
+            raise InvalidOptionsError("explicit_max_params must be positive")
         unknown = set(self.checks) - set(CHECK_KINDS)
         if unknown:
             raise InvalidOptionsError(f"unknown checks {sorted(unknown)}; choose from {list(CHECK_KINDS)}")

@@ -57,8 +57,9 @@ ul.adjusted { margin: 4px 0; padding-left: 20px; }
 """
 
 
-def render(report: dict) -> str:
-    """The page for one report (the dict Report.to_dict() returns, i.e. report.json)."""
+def render(report: dict, sections: tuple[str, ...] = ()) -> str:
+    """The page for one report (the dict Report.to_dict() returns, i.e. report.json); `sections`:
+    more HTML sections asked for (explain.figure_html), after the construction."""
     source = report.get("source") or {}
     verdict = report.get("verdict") or {}
     passed = bool(verdict.get("passed"))
@@ -76,6 +77,7 @@ def render(report: dict) -> str:
         _propagated(report),
         _greedy(report),
         _construction(report),
+        *sections,
         _inputs(report),
         _timings_and_files(report),
     ]

@@ -16,8 +16,10 @@ from .patterns import Site, find_sites
 from .weights import LazyWeights, map_names
 
 
-def load_converted(path, device=None, dtype: str | None = None, layerwise: bool = False, head_impl: str = "fast"):
-    """The converted model in `dtype` (default: the compute dtype it was converted and checked in)."""
+def load_converted(path, device=None, dtype: str | None = None, layerwise: bool = False, head_impl: str = "fast",
+                   construction: str | None = None):
+    """The converted model in `dtype` (default: the compute dtype it was converted and checked in), in
+    the construction it was converted with, or "compact" (an explicit directory holds both forms)."""
     config_dict = read_config(path)
     section = config_dict[SECTION]
     config = host.load_config(path)
@@ -31,7 +33,15 @@ def load_converted(path, device=None, dtype: str | None = None, layerwise: bool 
         raise InvalidConvertedCheckpointError(
             f"config.json plans FFN sites {[p['path'] for p in plans][:3]}… but {cls.__name__} has {[s.path for s in sites][:3]}…")
     context = DecodeContext(use_mask=not encoder_decoder)
-    host.swap_in(model, sites, plans, context)
+    construction = construction or section.get("construction", "compact")
+    if construction == "explicit":
+        from .explicit_build import swap_in as swap_in_explicit
+
+        swap_in_explicit(model, sites, plans, context)
+    elif construction == "compact":
+        host.swap_in(model, sites, plans, context)
+    else:
+        raise InvalidConvertedCheckpointError(f"construction {construction!r} is neither compact nor explicit")
     context.install(model)
     checkpoint = SourceCheckpoint(path)
     names = map_names(model, checkpoint)
