@@ -1,7 +1,9 @@
 """FastAPI dependencies, as ``Annotated`` aliases that routes take as parameters.
 
 Clients (Redis, boto3, Celery) are made once per settings object and reused across
-requests; tests swap any of them with ``app.dependency_overrides``.
+requests; tests swap any of them with ``app.dependency_overrides``. The cheap ones are
+``async def``: FastAPI runs a plain ``def`` dependency on its thread pool, a hop that
+costs more than a dictionary lookup (bench/load.py).
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ class CeleryJobQueue:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_store(settings: SettingsDep) -> JobStore:
+async def get_store(settings: SettingsDep) -> JobStore:
     return _per_settings(
         "store", settings,
         lambda s: JobStore(redis_client(s.redis_url), s.redis_key_prefix, s.job_ttl_seconds),
@@ -81,7 +83,7 @@ ProbeStorageDep = Annotated[Storage, Depends(get_probe_storage)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 
 
-def get_rate_limiter(settings: SettingsDep, store: StoreDep) -> RateLimiter:
+async def get_rate_limiter(settings: SettingsDep, store: StoreDep) -> RateLimiter:
     return _per_settings(
         "rate-limiter", settings,
         lambda s: RateLimiter(store.redis, s.redis_key_prefix, s.rate_limit_jobs, s.rate_limit_window_seconds),

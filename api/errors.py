@@ -11,13 +11,21 @@ from typing import Optional
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import iter_route_contexts
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from api.schemas import ErrorBody, ErrorResponse, FieldError
 from shared.job_options import CALIBRATION_TAGS
 
 log = logging.getLogger(__name__)
+
+
+# The status of a well-formed request for a feature this deployment has switched off
+# (webhooks_not_configured, credentials_not_accepted): refused for good, so not 503 (which says
+# "retry shortly" and reads as a server fault), and not 422 (the request matches the document).
+NOT_CONFIGURED = 403
 
 
 class ApiError(Exception):
@@ -56,6 +64,21 @@ def field_errors(exc: RequestValidationError) -> list[FieldError]:
     return fields
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method of every route on the request's path. Starlette's 405 names those of the
+    first route that matched the path alone (GET /v1/jobs and POST /v1/jobs are two routes).
+    A path that is literally a route's (/v1/jobs/batch) is that route's, as in OpenAPI, not
+    also a template's (/v1/jobs/{job_id})."""
+    matched: list[tuple[str, set[str]]] = []
+    # Each route as included (FastAPI keeps included routers as branches of app.routes).
+    for route in iter_route_contexts(request.app.routes):
+        match, _ = route.matches(request.scope)
+        if match == Match.PARTIAL:  # the path matched, the method did not
+            matched.append((getattr(route, "path", ""), set(getattr(route, "methods", None) or ())))
+    literal = [methods for path, methods in matched if path == request.url.path]
+    return ", ".join(sorted(set().union(*(literal or [methods for _, methods in matched]))))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -71,8 +94,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _respond(exc.status_code, ErrorBody(code=code, message=str(exc.detail)), getattr(exc, "headers", None))
+        # 400: FastAPI could not decode the body (not UTF-8, say); a body that decodes but is
+        # not valid JSON is a 422 validation_error, like any other invalid body.
+        code = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+        return _respond(exc.status_code, ErrorBody(code=code, message=str(exc.detail)), headers)
 
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError):

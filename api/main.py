@@ -6,7 +6,9 @@ from fastapi.routing import APIRoute
 
 from api import errors
 from api.limits import BodySizeLimit
+from api.openapi_docs import document_errors
 from api.routes import api_router, health, metrics, pages
+from shared import logs
 from shared.settings import get_settings
 
 DESCRIPTION = """
@@ -21,6 +23,10 @@ Every `/v1/jobs` request needs an API key: `Authorization: Bearer <key>`. A job 
 visible only to the key (owner) that created it. Job creation is rate limited per owner
 (429 with `Retry-After`), and request bodies are capped in size (413).
 """
+
+
+# At import, in each process uvicorn starts (after uvicorn set up its own loggers).
+logs.configure(get_settings().log_format)
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -39,6 +45,7 @@ app.include_router(health.router)
 app.include_router(metrics.router)
 app.include_router(pages.router)
 errors.install(app)
+document_errors(app)
 
 
 def _max_request_bytes() -> int:

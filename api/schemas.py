@@ -12,10 +12,12 @@ from urllib.parse import urlsplit
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from api.url_patterns import SOURCE_URL_PATTERN, WEBHOOK_URL_PATTERN
 from shared.credentials import SourceCredentials
 
 from shared.job_options import JobOptions
 from shared.jobs import Job, JobState, Progress
+from shared.webhook_records import ALL_EVENTS, WebhookAttempt, WebhookEvent
 
 SOURCE_SCHEMES = ("http", "https", "s3", "hf")
 MAX_BATCH = 100
@@ -30,12 +32,12 @@ class JobCreate(BaseModel):
                 "source_url": "https://example.org/models/gpt2-tiny/",
                 "options": {"dtype": "float32", "calibration": {"tokens": 256, "seq_len": 64}},
                 "idempotency_key": "gpt2-tiny-2024-06-01",
-            }]
+            }],
         },
     )
 
     source_url: str = Field(
-        min_length=1, max_length=2048,
+        min_length=1, max_length=2048, pattern=SOURCE_URL_PATTERN,
         description="A Hugging Face model directory given as a base URL (its files are fetched by "
         "name), a .tar / .tar.gz archive of one, hf://ORG/REPO[@REVISION] on the model hub, or an "
         "s3://bucket/prefix inside the S3 source scopes an operator granted the key's owner (else 403 "
@@ -50,6 +52,30 @@ class JobCreate(BaseModel):
         None, min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
         description="Submitting the same key again returns the first job instead of a new one.",
     )
+    force: bool = Field(
+        False, strict=True, description="convert even when an earlier job of yours converted the same source weights with the "
+        "same options and converter version (by default such a job succeeds at once with copies of that job's "
+        "artifacts, and names it in reused_from)",
+    )
+    webhook_url: Optional[str] = Field(
+        None, min_length=1, max_length=2048, pattern=WEBHOOK_URL_PATTERN,
+        description="http(s) URL that receives the job's events as signed POSTs (Standard Webhooks headers, "
+        "secret from GET /v1/webhooks/secret). The host is a DNS name, a dotted-decimal IPv4 address or an "
+        "[IPv6] literal; a literal private or loopback address is refused (403 webhook_address_blocked), and "
+        "every address a name resolves to is checked at each delivery. Redirects are not followed.",
+    )
+    webhook_events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(ALL_EVENTS), min_length=1, max_length=len(ALL_EVENTS),
+        description="which events go to webhook_url: started, progress (rate-limited), completed; default all "
+        "(kept, and unused, on a job without a webhook_url)",
+    )
+
+    # Accepted without a webhook_url rather than refused: a rule tying the two fields together
+    # (JSON Schema's dependentSchemas) is one schema-driven clients and fuzzers apply unevenly.
+    @field_validator("webhook_events")
+    @classmethod
+    def _once_each(cls, value: list[WebhookEvent]) -> list[WebhookEvent]:
+        return list(dict.fromkeys(value))
 
     @field_validator("source_url")
     @classmethod
@@ -112,6 +138,12 @@ class JobOut(BaseModel):
     error: Optional[ErrorOut]
     summary: Optional[dict[str, Any]]
     artifacts: list[ArtifactOut]
+    force: bool = False
+    reused_from: Optional[str] = Field(None, description="the earlier job of yours whose artifacts this job "
+                                       "copied instead of converting again; null when it converted")
+    webhook_url: Optional[str]
+    webhook_events: list[WebhookEvent]
+    webhook_deliveries: list[WebhookAttempt] = Field(description="every attempt to deliver an event, newest last")
     links: JobLinks
 
 
@@ -159,6 +191,8 @@ def job_out(request: Request, job: Job) -> JobOut:
         **job.model_dump(include={
             "id", "state", "source_url", "options", "idempotency_key", "progress", "created_at",
             "updated_at", "started_at", "finished_at", "attempts", "cancel_requested", "error", "summary",
+            "force", "reused_from",
+            "webhook_url", "webhook_events", "webhook_deliveries",
         }),
         artifacts=[
             ArtifactOut(

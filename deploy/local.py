@@ -9,8 +9,8 @@ What it starts, each only where needed:
   ``redis-server`` on that (loopback) port.
 * S3: the configured ATTNONLY_S3_ENDPOINT_URL, else an embedded S3-compatible server
   (moto) on a free loopback port.
-* one Celery worker and the API (uvicorn, http://127.0.0.1:8000), as child processes
-  with their logs under .local/logs/.
+* one Celery worker and the API (uvicorn with --api-workers processes, 2 by default,
+  http://127.0.0.1:8000), as child processes with their logs under .local/logs/.
 
 Then it saves a tiny GPT-2 with random weights, serves it over a local HTTP server,
 submits it, follows the job to its end and prints where the artifacts are. Loopback
@@ -180,8 +180,11 @@ def worker_argv(name: str = "local") -> list[str]:
     ]
 
 
-def api_argv(host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(port)]
+def api_argv(host: str, port: int, workers: int = 1) -> list[str]:
+    """uvicorn serving the API; ``workers`` > 1: that many processes on the one port (one
+    Python process serves requests on one core at a time)."""
+    argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(port)]
+    return argv + ["--workers", str(workers)] if workers > 1 else argv
 
 
 def check_alive(procs: dict[str, subprocess.Popen], log_dir: Path = LOG_DIR) -> None:
@@ -334,6 +337,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="address the API listens on")
     parser.add_argument("--port", type=int, default=8000, help="port of the API")
+    parser.add_argument("--api-workers", type=int, default=2,
+                        help="uvicorn worker processes of the API (one process uses one core)")
     parser.add_argument("--exit-after-demo", action="store_true", help="stop everything after the demo job")
     parser.add_argument("--no-demo", action="store_true", help="start the service only")
     parser.add_argument("--log-dir", type=Path, default=LOG_DIR, help="where the children's logs go")
@@ -352,7 +357,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise LocalError(f"port {args.port} is taken; pass --port to use another")
             procs = {
                 "worker": start_process("worker", worker_argv(), env, stack, args.log_dir),
-                "api": start_process("api", api_argv(args.host, args.port), env, stack, args.log_dir),
+                "api": start_process("api", api_argv(args.host, args.port, args.api_workers), env, stack,
+                                     args.log_dir),
             }
             wait_ready(api_url, procs, log_dir=args.log_dir)
             print(f"API:    {api_url}  (docs: {api_url}/docs)\nLogs:   {args.log_dir}", flush=True)

@@ -17,6 +17,8 @@ directory or of a .tar/.tar.gz/.tgz archive, and s3:// URLs of either. The defen
   by `FetchLimits.s3_source_rules`; none allows no s3:// source), never from the
   artifacts bucket; checked before any S3 client exists.
 * On any failure `dest_dir` is left empty.
+* `post_checked` sends webhook events (shared/webhook_delivery.py) through the same
+  address checks and pinned connections; it follows no redirect.
 
 Error codes (FetchError.code) are part of the job API; never rename one.
 """
@@ -53,7 +55,7 @@ from shared.hub import HubSource, parse_hub_url
 from shared.source_scopes import SourceRules, check_s3_source
 
 __all__ = [
-    "ERROR_CODES", "FetchError", "FetchLimits", "fetch_source",
+    "ERROR_CODES", "FetchError", "FetchLimits", "fetch_source", "post_checked",
     "validate_config", "validate_safetensors_header",
 ]
 
@@ -74,6 +76,7 @@ _CHUNK = 1 << 16
 _PROGRESS_INTERVAL_S = 0.25
 
 Progress = Callable[[int, "int | None"], None]
+WeightHashes = Callable[[Path, "dict[str, str]"], None]
 
 
 @dataclass(frozen=True)
@@ -500,8 +503,9 @@ def _network_error(exc: Exception, url: ParsedUrl) -> FetchError:
 class _HttpRemote:
     """Files under an http(s) base URL (or the URL itself), fetched through pinned connections."""
 
-    def __init__(self, base: ParsedUrl, limits: FetchLimits, token: str | None = None):
+    def __init__(self, base: ParsedUrl, limits: FetchLimits, token: str | None = None, hub: bool = False):
         self.base, self.limits = base, limits
+        self.hub = hub  # a model hub's resolve URLs: HEAD answers carry the files' SHA-256
         # a bearer token goes to the base URL's own scheme, host and port, never elsewhere
         self.token = token
         self.token_origin = (base.scheme, base.host, base.effective_port)
@@ -537,13 +541,16 @@ class _HttpRemote:
             return [(b"Authorization", f"Bearer {self.token}".encode())]
         return []
 
-    def _send(self, url: ParsedUrl) -> httpcore.Response:
+    def _send(self, url: ParsedUrl, method: bytes = b"GET", body: bytes | None = None,
+              headers: list | None = None) -> httpcore.Response:
+        framing = [] if body is None else [(b"Content-Length", str(len(body)).encode())]
         request = httpcore.Request(
-            b"GET",
+            method,
             httpcore.URL(scheme=url.scheme.encode(), host=url.host.encode(), port=url.port,
                          target=url.target.encode()),
             headers=[(b"Host", url.authority().encode()), (b"User-Agent", USER_AGENT),
-                     (b"Accept-Encoding", b"identity")] + self._authorization(url),
+                     (b"Accept-Encoding", b"identity")] + framing + (headers or []) + self._authorization(url),
+            content=body,
             extensions={"timeout": self.timeouts},
         )
         try:
@@ -593,6 +600,33 @@ class _HttpRemote:
         response.close()  # only the status was wanted; the body is never read
         return True
 
+    def linked_sha256(self, name: str) -> str | None:
+        """The SHA-256 the hub declares for a (large, LFS-stored) file, from a HEAD of its
+        resolve URL: the hub answers with ``X-Linked-Etag: "<sha256>"``, on the redirect to
+        its storage. None when the hub gives none (a small file, another server)."""
+        if not self.hub:
+            return None
+        url = self.url_for(name)
+        for _ in range(self.limits.max_redirects + 1):
+            self.check(url)
+            response = self._send(url, b"HEAD")
+            try:
+                response.read()  # a HEAD answer has no body; this returns the connection to the pool
+            except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError) as exc:
+                raise _network_error(exc, url) from None
+            finally:
+                response.close()
+            digest = _sha256_etag(_header(response, b"x-linked-etag"))
+            if digest is not None:
+                return digest
+            location = _header(response, b"location")
+            if response.status not in REDIRECT_STATUSES or location is None:
+                if response.status in (404, 401, 403):
+                    self._accept(response, url)  # raises the same error a GET would
+                return None
+            url = _redirect_target(url, location)
+        return None
+
     def download(self, name: str | None, dest: Path, meter: _Meter, cap=None) -> None:
         response, url = self.open(name)
         try:
@@ -614,11 +648,40 @@ class _HttpRemote:
             raise _network_error(exc, url) from None
 
 
+def post_checked(url: str, body: bytes, headers: list[tuple[bytes, bytes]], limits: FetchLimits) -> int:
+    """POST ``body`` to an http(s) ``url`` through the same address checks and pinned
+    connection as a download (limits: timeouts and allow_hosts); returns the HTTP status.
+    Redirects are not followed: a 3xx is returned like any other status. The answer's body
+    is never read (a receiver dripping one could hold the caller for long). Raises FetchError
+    (url_invalid, url_scheme_not_allowed, url_address_blocked, source_unreachable,
+    download_timeout)."""
+    parsed = parse_url(url)
+    remote = _HttpRemote(parsed, limits)
+    try:
+        remote.check(parsed)
+        response = remote._send(parsed, b"POST", body, headers)
+        response.close()
+        return response.status
+    finally:
+        remote.close()
+
+
 def _header(response: httpcore.Response, name: bytes) -> str | None:
     for key, value in response.headers:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _sha256_etag(value: str | None) -> str | None:
+    """``"<64 hex>"`` (or a weak ``W/"..."``) -> the digest; anything else (a git blob id) -> None."""
+    if value is None:
+        return None
+    value = value.strip().removeprefix("W/").strip('"').lower()
+    return value if _SHA256_HEX.match(value) else None
 
 
 def _content_length(response: httpcore.Response) -> int | None:
@@ -724,10 +787,12 @@ MAX_OPTIONAL_FILE_BYTES = 64 * 2**20
 
 
 def _download_hf_directory(remote, model_dir: Path, meter: _Meter, limits: FetchLimits,
-                           on_config: Callable[[Path], None] | None = None) -> None:
+                           on_config: Callable[[Path], None] | None = None,
+                           on_weights: WeightHashes | None = None) -> None:
     """config.json (then `on_config(model_dir)`, which may refuse the model before any weights
-    come), the tokenizer's files where present, then model.safetensors, or the index and its
-    shards, or (if allowed) a pickle."""
+    come), the tokenizer's files where present, then (`on_weights`, where the hub declares
+    the weights' hashes) model.safetensors, or the index and its shards, or (if allowed) a
+    pickle."""
     config_cap = (MAX_CONFIG_BYTES, FetchError("config_invalid", f"config.json is larger than {MAX_CONFIG_BYTES} bytes"))
     remote.download(CONFIG_FILE, model_dir / CONFIG_FILE, meter, config_cap)
     validate_config(model_dir / CONFIG_FILE)
@@ -739,14 +804,19 @@ def _download_hf_directory(remote, model_dir: Path, meter: _Meter, limits: Fetch
             remote.download(name, model_dir / name, meter, cap)
         except _NotFound:
             pass
+    index_cap = (MAX_INDEX_BYTES, FetchError("safetensors_invalid", f"{SAFETENSORS_INDEX} is larger than {MAX_INDEX_BYTES} bytes"))
+    if on_weights is not None and getattr(remote, "hub", False):
+        hashes = _hub_weight_hashes(remote, model_dir, meter, limits, index_cap)
+        if hashes is not None:
+            on_weights(model_dir, hashes)
     try:
         remote.download(SAFETENSORS_FILE, model_dir / SAFETENSORS_FILE, meter)
         return
     except _NotFound:
         pass
-    index_cap = (MAX_INDEX_BYTES, FetchError("safetensors_invalid", f"{SAFETENSORS_INDEX} is larger than {MAX_INDEX_BYTES} bytes"))
     try:
-        remote.download(SAFETENSORS_INDEX, model_dir / SAFETENSORS_INDEX, meter, index_cap)
+        if not (model_dir / SAFETENSORS_INDEX).is_file():  # _hub_weight_hashes may have it already
+            remote.download(SAFETENSORS_INDEX, model_dir / SAFETENSORS_INDEX, meter, index_cap)
     except _NotFound:
         _download_pickle(remote, model_dir, meter, limits)
         return
@@ -756,6 +826,32 @@ def _download_hf_directory(remote, model_dir: Path, meter: _Meter, limits: Fetch
         except _NotFound:
             raise FetchError("source_missing_file", f"shard {shard} named by {SAFETENSORS_INDEX} "
                                                     "does not exist") from None
+
+
+def _hub_weight_hashes(remote: _HttpRemote, model_dir: Path, meter: _Meter, limits: FetchLimits,
+                       index_cap) -> dict[str, str] | None:
+    """The hub's SHA-256 of each weight file the fetch will download (model.safetensors, else
+    the index's shards, the index itself downloaded here), without downloading them; None
+    when the hub does not declare them all (or the source has no safetensors weights)."""
+    try:
+        digest = remote.linked_sha256(SAFETENSORS_FILE)
+        return None if digest is None else {SAFETENSORS_FILE: digest}
+    except _NotFound:
+        pass
+    try:
+        remote.download(SAFETENSORS_INDEX, model_dir / SAFETENSORS_INDEX, meter, index_cap)
+    except _NotFound:
+        return None
+    hashes: dict[str, str] = {}
+    for shard in read_index_shards(model_dir / SAFETENSORS_INDEX, limits.max_tensors):
+        try:
+            digest = remote.linked_sha256(shard)
+        except _NotFound:
+            return None  # the download that follows reports the missing shard
+        if digest is None:
+            return None
+        hashes[shard] = digest
+    return hashes
 
 
 def _download_pickle(remote, model_dir: Path, meter: _Meter, limits: FetchLimits) -> None:
@@ -783,11 +879,12 @@ def _remote(url: ParsedUrl, limits: FetchLimits):
         return _S3Remote(url, limits)
     if url.scheme == "hf":
         base = parse_url(HubSource(url.host, url.target).base_url(limits.hub_endpoint))
-        return _HttpRemote(base, limits, token=limits.hub_token)
+        return _HttpRemote(base, limits, token=limits.hub_token, hub=True)
     return _HttpRemote(url, limits)
 
 
-def _download(url: ParsedUrl, staging: Path, limits: FetchLimits, meter: _Meter, on_config=None) -> Path:
+def _download(url: ParsedUrl, staging: Path, limits: FetchLimits, meter: _Meter, on_config=None,
+              on_weights=None) -> Path:
     remote = _remote(url, limits)
     try:
         if _is_archive(url.path):
@@ -802,7 +899,7 @@ def _download(url: ParsedUrl, staging: Path, limits: FetchLimits, meter: _Meter,
             return model_dir
         model_dir = staging / "model"
         model_dir.mkdir()
-        _download_hf_directory(remote, model_dir, meter, limits, on_config)
+        _download_hf_directory(remote, model_dir, meter, limits, on_config, on_weights)
         return model_dir
     finally:
         remote.close()
@@ -824,11 +921,15 @@ def _publish(model_dir: Path, dest_dir: Path) -> None:
 
 
 def fetch_source(url: str, dest_dir: Path, limits: FetchLimits, progress: Progress | None = None,
-                 on_config: Callable[[Path], None] | None = None) -> Path:
+                 on_config: Callable[[Path], None] | None = None,
+                 on_weights: WeightHashes | None = None) -> Path:
     """Download the model at `url` into `dest_dir` and return `dest_dir`.
 
     `on_config(directory)` runs as soon as config.json is in (for a directory URL: before any
     weights are requested), and may raise to refuse the model without downloading it.
+    `on_weights(directory, {weight file: sha256})` runs, for hf:// sources whose hub declares
+    the weights' hashes, once every other file is in and before any weights are requested; it
+    may raise to stop the fetch (the worker does when an earlier job converted the same).
 
     `dest_dir` belongs to the fetch: anything already in it is removed first (a job
     delivered again after a crash starts clean), and it is left empty on any failure.
@@ -843,7 +944,7 @@ def fetch_source(url: str, dest_dir: Path, limits: FetchLimits, progress: Progre
     try:
         parsed = parse_url(url)
         meter = _Meter(limits.max_download_bytes, progress, limits.deadline_seconds)
-        model_dir = _download(parsed, staging, limits, meter, on_config)
+        model_dir = _download(parsed, staging, limits, meter, on_config, on_weights)
         validate_model_dir(model_dir, limits)
         _publish(model_dir, dest_dir)
     except BaseException:

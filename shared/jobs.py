@@ -27,8 +27,6 @@ nothing, so two deliveries of one job can never mix their outcomes.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import re
 import uuid
@@ -40,10 +38,25 @@ import redis
 from pydantic import BaseModel, Field
 
 from shared.job_options import JobOptions
+from shared.webhook_records import ALL_EVENTS, WebhookAttempt, WebhookEvent
 
 WATCH_RETRIES = 50
 _PRUNE_BATCH = 20
-_MEMBER_RE = re.compile(r"^\d{15}:[0-9a-f-]{36}$")
+# _prune_oldest in one round trip (it runs on every create and finish): for each index in
+# KEYS, its oldest ARGV[2] members, and those whose record ARGV[1]..id is gone are removed.
+_PRUNE_EXPIRED = """
+local removed = 0
+for _, index in ipairs(KEYS) do
+  for _, member in ipairs(redis.call('ZRANGEBYLEX', index, '-', '+', 'LIMIT', 0, tonumber(ARGV[2]))) do
+    if redis.call('EXISTS', ARGV[1] .. string.match(member, '^[^:]*:(.*)$')) == 0 then
+      redis.call('ZREM', index, member)
+      removed = removed + 1
+    end
+  end
+end
+return removed
+"""
+_MEMBER_RE = re.compile(r"^[0-9]{15}:[0-9a-f-]{36}$")  # [0-9]: \d also matches non-ASCII digits
 
 
 class _AnyOwner:
@@ -117,6 +130,13 @@ class Job(BaseModel):
     error: Optional[JobError] = None
     summary: Optional[dict[str, Any]] = None  # the conversion report's summary
     artifacts: list[Artifact] = Field(default_factory=list)
+    force: bool = False  # convert even when an earlier job of the owner converted the same (shared/reuse.py)
+    reused_from: Optional[str] = None  # the earlier job whose artifacts this one copied
+    # Where the worker POSTs signed events of this job (shared/webhook_notify.py), which
+    # ones, and every delivery attempt so far (the newest MAX_RECORDED_ATTEMPTS).
+    webhook_url: Optional[str] = None
+    webhook_events: list[WebhookEvent] = Field(default_factory=lambda: list(ALL_EVENTS))
+    webhook_deliveries: list[WebhookAttempt] = Field(default_factory=list)
 
     @property
     def index_member(self) -> str:
@@ -127,18 +147,19 @@ class InvalidCursor(ValueError):
     pass
 
 
+# The cursor is the member itself, in the open: its shape is the API's documented pattern
+# (CURSOR_PATTERN), and any string of that shape is a valid position to list from.
+CURSOR_PATTERN = _MEMBER_RE.pattern
+
+
 def encode_cursor(member: str) -> str:
-    return base64.urlsafe_b64encode(member.encode()).decode().rstrip("=")
+    return member
 
 
 def decode_cursor(cursor: str) -> str:
-    try:
-        member = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidCursor("cursor is not one this API returned") from None
-    if not _MEMBER_RE.match(member):
+    if not _MEMBER_RE.fullmatch(cursor):
         raise InvalidCursor("cursor is not one this API returned")
-    return member
+    return cursor
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -157,6 +178,7 @@ class JobStore:
         self.redis = client
         self.prefix = prefix
         self.ttl_seconds = ttl_seconds
+        self._prune_script = client.register_script(_PRUNE_EXPIRED)
 
     # --- keys -----------------------------------------------------------------------------
     def _job_key(self, job_id: str) -> str:
@@ -234,13 +256,17 @@ class JobStore:
         idempotency_key: Optional[str] = None,
         owner: Optional[str] = None,
         sealed_credentials: Optional[str] = None,
+        force: bool = False,
+        webhook_url: Optional[str] = None,
+        webhook_events: Optional[list[WebhookEvent]] = None,
     ) -> tuple[Job, bool]:
         """Store a new queued job. Returns (job, created); created is False when the
         idempotency key was seen before and its job is returned instead."""
         job = Job(
             id=str(uuid.uuid4()), source_url=source_url, options=options or JobOptions(),
-            idempotency_key=idempotency_key, owner=owner, seq=self.redis.incr(f"{self.prefix}:seq"),
-            sealed_credentials=sealed_credentials,
+            idempotency_key=idempotency_key, owner=owner, seq=self.redis.incr(f"{self.prefix}:seq"), force=force,
+            sealed_credentials=sealed_credentials, webhook_url=webhook_url,
+            webhook_events=list(ALL_EVENTS) if webhook_events is None else webhook_events,
         )
         idem_key = self._idem_key(owner, idempotency_key) if idempotency_key is not None else None
         for _ in range(WATCH_RETRIES):
@@ -263,8 +289,7 @@ class JobStore:
                     continue
         else:
             raise RuntimeError("job store: too much contention on one idempotency key")
-        self._prune_oldest(self._all_index)
-        self._prune_oldest(self._owner_index(owner))
+        self._prune_oldest(self._all_index, self._owner_index(owner))
         return job, True
 
     def release_idempotency_key(self, job: Job) -> None:
@@ -314,8 +339,7 @@ class JobStore:
         else:
             raise RuntimeError(f"job store: too much contention on job {job_id}")
         if new.state.finished and not current.state.finished:
-            self._prune_oldest(self._state_index(new.state))
-            self._prune_oldest(self._owner_index(new.owner, new.state))
+            self._prune_oldest(self._state_index(new.state), self._owner_index(new.owner, new.state))
         return new
 
     def _write(self, pipe, job: Job, previous: Optional[Job]) -> None:
@@ -339,18 +363,9 @@ class JobStore:
             if job.idempotency_key is not None:
                 pipe.expire(self._idem_key(job.owner, job.idempotency_key), self.ttl_seconds)
 
-    def _prune_oldest(self, index: str) -> None:
-        """Drop index members whose record has expired, from the oldest end."""
-        members = self.redis.zrangebylex(index, "-", "+", start=0, num=_PRUNE_BATCH)
-        if not members:
-            return
-        with self.redis.pipeline(transaction=False) as pipe:
-            for m in members:
-                pipe.exists(self._job_key(m.split(":", 1)[1]))
-            alive = pipe.execute()
-        gone = [m for m, a in zip(members, alive) if not a]
-        if gone:
-            self.redis.zrem(index, *gone)
+    def _prune_oldest(self, *indexes: str) -> None:
+        """Drop index members whose record has expired, from the oldest end of each index."""
+        self._prune_script(keys=list(indexes), args=[self._job_key(""), _PRUNE_BATCH])
 
     # --- transitions ----------------------------------------------------------------------
     def claim(self, job_id: str) -> Optional[Job]:
@@ -364,7 +379,7 @@ class JobStore:
             job.attempts += 1
             job.started_at = job.started_at or utcnow()
             job.progress = Progress(percent=0.0, stage="downloading")
-            job.error, job.summary, job.artifacts = None, None, []
+            job.error, job.summary, job.artifacts, job.reused_from = None, None, [], None
             return job
 
         job = self.update(job_id, mutate)
@@ -396,6 +411,7 @@ class JobStore:
         summary: Optional[dict[str, Any]] = None,
         artifacts: Optional[list[Artifact]] = None,
         attempt: Optional[int] = None,
+        reused_from: Optional[str] = None,
     ) -> Optional[Job]:
         """Record the outcome, once: a finished job stays as it is, and so does a job
         claimed again since ``attempt``. Returns the record as stored afterwards."""
@@ -410,6 +426,7 @@ class JobStore:
             job.error = error
             job.summary = summary
             job.artifacts = artifacts or []
+            job.reused_from = reused_from
             if state == JobState.succeeded:
                 job.progress = job.progress.model_copy(update={"percent": 100.0})
             return job

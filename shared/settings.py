@@ -11,7 +11,7 @@ import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     # forgotten this long after they finish. Artifacts in S3 are not deleted by this.
     job_ttl_seconds: int = Field(7 * 24 * 3600, ge=60)
 
+    # --- Logs (shared/logs.py) ----------------------------------------------------------
+    # json: one JSON object per line, with job_id and owner fields on lines about a job (what
+    # the containers use, for log collectors); text: plain lines for a terminal.
+    log_format: Literal["json", "text"] = "text"
+
     # --- S3-compatible storage for the artifacts ------------------------------------------
     # None: not configured (the local runner then starts an embedded S3 server).
     s3_endpoint_url: Optional[str] = None
@@ -122,12 +127,16 @@ class Settings(BaseSettings):
     rate_limit_window_seconds: int = Field(60, ge=1, le=24 * 3600)
     # Largest request body, enforced while it streams in (chunked bodies included).
     max_request_bytes: int = Field(1 * MiB, ge=1024)
+    # GET /v1/jobs/{id}/events ends its stream after this long even if the job has not
+    # ended: the client reconnects with Last-Event-ID (EventSource does so by itself), and
+    # no connection is held open for hours by a job that waits in the queue.
+    events_stream_seconds: float = Field(300.0, gt=0)
 
     # --- Celery worker --------------------------------------------------------------------
     gpu_queue: str = "gpu"
     # Seals per-job source credentials in job records (a Fernet key: `python -c "from
     # shared.credentials import new_key; print(new_key())"`). Unset: jobs carrying credentials
-    # are refused with 422 credentials_not_accepted.
+    # are refused with 403 credentials_not_accepted.
     credentials_key: Optional[SecretStr] = None
     # Jobs one owner may have queued or running at once; more are refused with 429
     # quota_exceeded at submission. 0: no cap.
@@ -153,6 +162,9 @@ class Settings(BaseSettings):
     work_dir: Path = Path(tempfile.gettempdir()) / "attnonly-work"
     # Conversion device: None lets the conversion pick CUDA when present, else the CPU.
     device: Optional[str] = None
+    # The explicit construction (literal Q/K/V/O heads) is refused above this many head
+    # parameters, before any calibration.
+    explicit_max_params: int = Field(50_000_000, ge=1)
 
     # --- Downloading sources (see shared/fetch.py) ----------------------------------------
     max_download_bytes: int = Field(20 * GiB, ge=1)
@@ -177,6 +189,21 @@ class Settings(BaseSettings):
     # None: 85 % of the machine's memory / the free space under work_dir when the job starts.
     worker_memory_bytes: Optional[int] = Field(None, ge=1)
     worker_disk_bytes: Optional[int] = Field(None, ge=1)
+
+    # --- Webhooks (see shared/webhook_delivery.py) ----------------------------------------
+    # Each owner's signing secret is derived from this key (shared/webhook_signing.py); the
+    # API and the workers need the same one. Unset: jobs with a webhook_url are refused with
+    # 403 webhooks_not_configured. Receivers are checked like sources (fetch_allow_hosts).
+    webhook_signing_key: Optional[SecretStr] = None
+    # An event is tried this many times in all while the receiver answers non-2xx or cannot
+    # be reached, waiting base delay, twice that, ... (at most a minute), with no retry later
+    # than webhook_retry_max_seconds after the first try.
+    webhook_attempts: int = Field(6, ge=1, le=20)
+    webhook_retry_base_delay: float = Field(2.0, ge=0)
+    webhook_retry_max_seconds: float = Field(300.0, gt=0)
+    webhook_timeout_seconds: float = Field(10.0, gt=0)  # connect, and each read
+    # At most one progress event per job this often (and one at each change of stage).
+    webhook_progress_interval_seconds: float = Field(5.0, ge=0)
 
     @field_validator("fetch_allow_hosts", mode="before")
     @classmethod

@@ -110,6 +110,24 @@ class Storage:
             artifacts.append(Artifact(name=name, size=size, key=key, sha256=digest))
         return artifacts
 
+    def copy_artifact(self, artifact: Artifact, job_id: str) -> Artifact:
+        """Copy another job's artifact to jobs/{job_id}/, server-side (no byte passes through
+        here), so that each job's files live and expire on their own: one CopyObject below the
+        multipart threshold, parts copied concurrently above it (CopyObject stops at 5 GiB).
+        The record keeps the first job's size and SHA-256: the bytes are the same."""
+        key = job_prefix(job_id) + artifact.name
+        source = {"Bucket": self.bucket, "Key": artifact.key}
+        # The type is set again, not copied: a multipart copy would not carry it over.
+        extra = {"ContentType": _content_type(artifact.name), "MetadataDirective": "REPLACE"}
+        try:
+            if artifact.size < self._transfer.multipart_threshold:
+                self.client.copy_object(CopySource=source, Bucket=self.bucket, Key=key, **extra)
+            else:
+                self.client.copy(source, self.bucket, key, ExtraArgs=extra, Config=self._transfer)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"copy of {artifact.name} failed: {_short(exc)}") from None
+        return artifact.model_copy(update={"key": key})
+
     def presigned_get(self, key: str, filename: Optional[str] = None, ttl: Optional[int] = None,
                       content_type: Optional[str] = None) -> str:
         """A GET URL valid for ``ttl`` seconds (default: the settings'), clamped to
@@ -139,8 +157,12 @@ class Storage:
         return deleted
 
     def list_keys(self, prefix: str) -> list[str]:
-        paginator = self.client.get_paginator("list_objects_v2")
-        return [obj["Key"] for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix) for obj in page.get("Contents", [])]
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            return [obj["Key"] for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
+                    for obj in page.get("Contents", [])]
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"cannot list {prefix}: {_short(exc)}") from None
 
 
 HASH_CHUNK_BYTES = 1 << 20

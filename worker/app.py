@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import setup_logging, worker_process_init, worker_ready
 from kombu import Queue
 
+from shared import logs
 from shared.settings import Settings, get_settings
 
 CONVERT_TASK = "worker.tasks.convert_job"
@@ -86,6 +87,13 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+@setup_logging.connect
+def _setup_logging(loglevel=None, **_) -> None:
+    """Celery leaves logging to this receiver: the service's format (settings.log_format),
+    at the level of the command line's --loglevel."""
+    logs.configure(get_settings().log_format, loglevel or logging.INFO)
+
+
 @worker_process_init.connect
 def _warm_up(**_) -> None:
     """In each pool child as it starts (never in the parent): import torch and the
@@ -109,7 +117,7 @@ def _start_sweeper(sender=None, **_) -> None:
     def send(job_id: str) -> None:
         celery_app.send_task(CONVERT_TASK, args=[job_id], queue=settings.gpu_queue)
 
-    Sweeper(store, settings.redis_key_prefix, settings.lease_seconds, send).start()
+    Sweeper(store, settings.redis_key_prefix, settings.lease_seconds, send, queue=settings.gpu_queue).start()
 
 
 celery_app = make_celery(get_settings())

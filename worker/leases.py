@@ -13,13 +13,15 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from datetime import timedelta
-from typing import Callable
+from typing import Callable, Optional
 
 import redis
 
 from shared.jobs import JobState, JobStore, utcnow
 from shared.metrics import Metrics
+from worker.orphans import find_orphans, requeue_orphans
 
 log = logging.getLogger(__name__)
 RUNNING = (JobState.downloading, JobState.converting, JobState.checking, JobState.uploading)
@@ -86,18 +88,28 @@ def requeue_expired(store: JobStore, prefix: str, seconds: float, send: Callable
 
 
 class Sweeper(threading.Thread):
-    """In a worker's parent process: the worker's heartbeat and the lease sweep, every few seconds."""
+    """In a worker's parent process: the worker's heartbeat and the lease sweep, every few
+    seconds; with ``queue``, also the scan for queued jobs whose message is gone
+    (worker/orphans.py), once a lease period (it reads the whole queue)."""
 
-    def __init__(self, store: JobStore, prefix: str, seconds: float, send: Callable[[str], None]):
+    def __init__(self, store: JobStore, prefix: str, seconds: float, send: Callable[[str], None],
+                 queue: Optional[str] = None):
         super().__init__(name="lease-sweeper", daemon=True)
-        self.store, self.prefix, self.seconds, self.send = store, prefix, seconds, send
+        self.store, self.prefix, self.seconds, self.send, self.queue = store, prefix, seconds, send, queue
         self.metrics = Metrics(store.redis, prefix)
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        suspects: set[str] = set()
+        next_scan = time.monotonic() + self.seconds
         while not self.stopped.wait(max(1.0, self.seconds / 4)):
             try:
                 self.metrics.heartbeat()
                 requeue_expired(self.store, self.prefix, self.seconds, self.send)
+                if self.queue is not None and time.monotonic() >= next_scan:
+                    next_scan = time.monotonic() + self.seconds
+                    found = find_orphans(self.store, self.prefix, self.queue, self.seconds)
+                    requeue_orphans(self.store, self.prefix, self.seconds, self.send, found, suspects)
+                    suspects = found
             except redis.RedisError as exc:
                 log.warning("lease sweep skipped: %s", exc)

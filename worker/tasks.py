@@ -23,19 +23,22 @@ import logging
 import random
 import shutil
 import time
-from functools import lru_cache
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 import redis
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
+from shared import logs, webhook_notify
 from shared.jobs import Artifact, Job, JobError, JobState, JobStore, Progress, redis_client
 from shared.metrics import Metrics
 from shared.settings import Settings, get_settings
-from shared.storage import Storage, StorageError, job_prefix
+from shared.storage import Storage, StorageError, file_sha256, job_prefix
 from worker.app import CONVERT_TASK, celery_app
 from worker.leases import Lease
+from worker.reuse import Reusable, ReuseCheck
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ PHASES: dict[str, tuple[JobState, float, float]] = {
     "writing": (JobState.converting, 55, 65),
     "checking": (JobState.checking, 65, 95),
     "uploading": (JobState.uploading, 95, 100),
+    "reused": (JobState.uploading, 10, 100),  # copying an earlier job's artifacts (worker/reuse.py)
 }
 STATE_ORDER = (JobState.downloading, JobState.converting, JobState.checking, JobState.uploading)
 LAYER_STAGES = ("calibrating", "writing", "checking")
@@ -69,6 +73,10 @@ LAYER_STAGES = ("calibrating", "writing", "checking")
 # ConnectionError): worth waiting for. Other Redis errors are bugs and fail the job.
 STORE_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 MAX_STORAGE_WAIT = 60.0  # seconds: the longest wait between two upload attempts
+# Preflight estimates of this process by (config.json's sha256, the job's options): they
+# depend on nothing else. Bounded: cleared when full.
+_ESTIMATES: dict = {}
+MAX_ESTIMATES = 256
 
 T = TypeVar("T")
 
@@ -170,6 +178,8 @@ class ProgressReporter:
         if stored is not None and self.attempt is not None and stored.attempts != self.attempt:
             raise Superseded()
         self._last, self._last_state, self._last_time = progress, state, now
+        if stored is not None and not stored.state.finished:
+            webhook_notify.job_progress(stored, done, total)
         return True
 
     def download(self, done: int, total: Optional[int]) -> None:
@@ -198,6 +208,7 @@ def _pick_device(settings: Settings) -> str:
 
 
 @celery_app.task(name=CONVERT_TASK)
+@logs.about_job
 def convert_job(job_id: str) -> Optional[str]:
     settings, store, storage = _services()
     try:
@@ -210,6 +221,7 @@ def convert_job(job_id: str) -> Optional[str]:
     return state.value if state is not None else None
 
 
+@logs.about_job  # every line logged while the job runs carries its job_id and owner
 def run_job(
     job_id: str,
     *,
@@ -228,8 +240,10 @@ def run_job(
     if job is None:
         log.warning("job %s: no record (expired or never created); message dropped", job_id)
         return None
+    logs.set_owner(job.owner)
     if job.state.finished:
         log.info("job %s: already %s; not redone", job_id, job.state.value)
+        webhook_notify.job_finished_unstarted(job, settings, store)
         return job.state
     if job.cancel_requested:
         # Cancelled while an earlier delivery ran it, and that worker died before it
@@ -238,10 +252,12 @@ def run_job(
     if job.attempts >= settings.max_attempts:
         # Each earlier delivery ended without recording an outcome: the worker died
         # (crash, OOM kill, hard time limit). Stop the loop of redeliveries here.
-        call_store(lambda: store.finish(job_id, JobState.failed, error=JobError(
+        stored = call_store(lambda: store.finish(job_id, JobState.failed, error=JobError(
             code="too_many_attempts",
             message=f"the worker stopped {job.attempts} times while running this job; it is not retried again",
         )), settings, "recording the outcome")
+        if stored is not None:
+            webhook_notify.job_finished(stored, settings, store)
         return JobState.failed
     job = call_store(lambda: store.claim(job_id), settings, "claiming the job")
     if job is None:
@@ -249,6 +265,7 @@ def run_job(
         return current.state if current else None
 
     attempt = job.attempts
+    webhook_notify.job_started(job, settings, store)  # queued for the dispatcher thread; never waits
     job_dir = Path(settings.work_dir) / job_id
     workdir = job_dir / f"attempt-{attempt}"
     log.info("job %s: attempt %d, source %s, device %s", job_id, attempt, job.source_url, device or "auto")
@@ -320,14 +337,22 @@ def _pipeline(job, workdir: Path, settings: Settings, store: JobStore, storage: 
     source.mkdir(parents=True)
 
     options = ConversionOptions(
-        **job.options.to_conversion_kwargs(), device=device, allow_pickle=settings.allow_pickle
+        **job.options.to_conversion_kwargs(), device=device, allow_pickle=settings.allow_pickle,
+        explicit_max_params=settings.explicit_max_params,
     )
 
     def preflight(directory: Path) -> None:
         """From config.json alone, before the weights: refuse what cannot convert or cannot fit."""
         from shared.conversion.preflight import preflight as estimate
 
-        estimate(directory, options, settings.memory_budget(), settings.disk_budget(workdir))
+        # Building the empty model takes a good part of a second: a repeated job (one that
+        # worker/reuse.py will likely serve from an earlier job's artifacts) reuses the estimate.
+        key = (file_sha256(directory / "config.json"), job.options.model_dump_json())
+        found = estimate(directory, options, settings.memory_budget(), settings.disk_budget(workdir),
+                         found=_ESTIMATES.get(key))
+        if len(_ESTIMATES) >= MAX_ESTIMATES:
+            _ESTIMATES.clear()
+        _ESTIMATES[key] = found
 
     metrics = Metrics(store.redis, settings.redis_key_prefix)
     started = time.monotonic()
@@ -342,10 +367,15 @@ def _pipeline(job, workdir: Path, settings: Settings, store: JobStore, storage: 
             credentials = unseal(job.sealed_credentials, settings.credentials_key)
         except ValueError as exc:
             raise SourceCredentialsUnavailable(str(exc)) from None
-    fetch(job.source_url, source, settings.fetch_limits(owner=job.owner, credentials=credentials), progress=reporter.download,
-          on_config=preflight)
-    if cancelled():
-        raise JobCancelled()
+    reuse = ReuseCheck(job, store, storage, settings)
+    try:
+        fetch(job.source_url, source, settings.fetch_limits(owner=job.owner, credentials=credentials),
+              progress=reporter.download, on_config=preflight, on_weights=reuse.weights_declared)
+        if cancelled():
+            raise JobCancelled()
+        reuse.downloaded(source)
+    except Reusable as found:
+        return _reuse(job, found.prior, reuse, reporter, settings, store, storage, cancelled)
 
     _record(metrics, lambda: (metrics.observe_stage("downloading", time.monotonic() - started),
                               metrics.add_bytes("downloaded", _bytes_in(source))))
@@ -374,6 +404,7 @@ def _pipeline(job, workdir: Path, settings: Settings, store: JobStore, storage: 
     summary = report.summary
     if report.passed:
         _finish(store, settings, job.id, attempt, JobState.succeeded, summary=summary, artifacts=artifacts)
+        reuse.remember()
         log.info("job %s: succeeded", job.id)
         return JobState.succeeded
     # The checkpoint exists but does not match its source within the tolerance: keep the
@@ -387,11 +418,34 @@ def _pipeline(job, workdir: Path, settings: Settings, store: JobStore, storage: 
     return JobState.failed
 
 
+def _reuse(job: Job, prior: Job, reuse: ReuseCheck, reporter: ProgressReporter, settings: Settings, store: JobStore,
+           storage: Storage, cancelled: Callable[[], bool]) -> JobState:
+    """Succeed with server-side copies of ``prior``'s artifacts: this job's own objects, which
+    outlive the earlier job's."""
+    total = len(prior.artifacts)
+    reporter.stage("reused", 0, total)
+    # All at once: each copy is a round trip to S3, and a reused job should end within a second.
+    with ThreadPoolExecutor(max_workers=min(8, total)) as pool:
+        copies = [pool.submit(with_storage_retries, partial(storage.copy_artifact, artifact, job.id), settings,
+                              f"copying {artifact.name}", job.id, cancelled) for artifact in prior.artifacts]
+        for done, copy in enumerate(as_completed(copies), 1):
+            copy.result()
+            reporter.stage("reused", done, total)
+    artifacts = [copy.result() for copy in copies]
+    _finish(store, settings, job.id, job.attempts, JobState.succeeded, summary=prior.summary, artifacts=artifacts,
+            reused_from=prior.id)
+    reuse.remember()
+    log.info("job %s: succeeded with copies of job %s's artifacts", job.id, prior.id)
+    return JobState.succeeded
+
+
 def _finish(store: JobStore, settings: Settings, job_id: str, attempt: int, state: JobState, **outcome) -> Job:
     stored = call_store(lambda: store.finish(job_id, state, attempt=attempt, **outcome), settings,
                         "recording the outcome")
     if stored is not None and stored.attempts != attempt:
         raise Superseded()
+    if stored is not None:
+        webhook_notify.job_finished(stored, settings, store)
     return stored
 
 

@@ -3,7 +3,8 @@
 Each event is the job as GET /v1/jobs/{id} shows it, sent when its state or progress changed.
 Event ids grow with the record's last update, so a client that reconnects with
 Last-Event-ID gets the job's current state (if it changed since) and what follows, never a
-replay of what it already saw."""
+replay of what it already saw. A stream also ends after settings.events_stream_seconds
+(the client reconnects), so that a job waiting long in the queue holds no connection open."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import PrincipalDep
-from api.deps import StoreDep
+from api.deps import SettingsDep, StoreDep
 from api.routes.jobs import NOT_FOUND, JobId, _get_own_or_404
 from api.schemas import job_out
 
@@ -30,16 +31,20 @@ def _event_id(job) -> int:
 
 @router.get(
     "/{job_id}/events", responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}},
-                                                      "description": "events until the job ends"}},
+                                                      "description": "events until the job ends, or for "
+                                                                     "events_stream_seconds (then reconnect "
+                                                                     "with Last-Event-ID)"}},
     response_class=StreamingResponse, summary="Server-Sent Events of the job's state and progress",
 )
 async def job_events(job_id: JobId, request: Request, principal: PrincipalDep, store: StoreDep,
-                     last_event_id: Annotated[Optional[str], Header()] = None):
+                     settings: SettingsDep, last_event_id: Annotated[Optional[str], Header()] = None):
     job = await run_in_threadpool(_get_own_or_404, store, job_id, principal)
     try:
         seen = int(last_event_id) if last_event_id else -1
     except ValueError:
         seen = -1
+
+    deadline = asyncio.get_running_loop().time() + settings.events_stream_seconds
 
     async def stream():
         nonlocal job, seen
@@ -52,6 +57,8 @@ async def job_events(job_id: JobId, request: Request, principal: PrincipalDep, s
                 quiet = 0.0
             if job is None or job.state.finished or await request.is_disconnected():
                 return
+            if asyncio.get_running_loop().time() >= deadline:
+                return  # not ended: the client reconnects with Last-Event-ID
             await asyncio.sleep(POLL_SECONDS)
             quiet += POLL_SECONDS
             if quiet >= KEEPALIVE_SECONDS:

@@ -13,12 +13,14 @@ from fastapi.responses import RedirectResponse
 
 from api.auth import Principal, PrincipalDep
 from api.deps import QueueDep, RateLimiterDep, SettingsDep, StorageDep, StoreDep
-from api.errors import ApiError
+from api.errors import NOT_CONFIGURED, ApiError
+from api.routes.webhooks import check_webhooks
 from api.schemas import (
     MAX_BATCH, MAX_PAGE, BatchCreated, ErrorResponse, JobCreate, JobCreated, JobOut, JobPage,
     job_created, job_out,
 )
-from shared.jobs import InvalidCursor, Job, JobError, JobState, JobStore
+from shared.jobs import CURSOR_PATTERN, Job, JobError, JobState, JobStore
+from shared.logs import job_fields
 from shared.safefiles import FetchError
 from shared.settings import Settings
 from shared.credentials import seal
@@ -35,10 +37,18 @@ router = APIRouter(
 REPORT_HTML = "report.html"  # written by shared.conversion next to report.json
 JobId = Annotated[str, Path(min_length=1, max_length=64, description="the id POST /v1/jobs returned")]
 NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such job of yours (or it expired)"}}
+NOT_FINISHED = {409: {"model": ErrorResponse, "description": "job_not_finished: the job is still queued or running; "
+                                                             "its artifacts appear when it succeeds. "
+                                                             "job_not_succeeded: it failed or was cancelled "
+                                                             "without this artifact"}}
 UNAVAILABLE = {503: {"model": ErrorResponse, "description": "Redis or the queue is unavailable"}}
 CREATE_ERRORS = {
     **UNAVAILABLE,
-    403: {"model": ErrorResponse, "description": "source_forbidden: an s3:// source outside your S3 source scopes"},
+    403: {"model": ErrorResponse, "description": "source_forbidden: an s3:// source outside your S3 source scopes; "
+                                                 "webhook_address_blocked: a webhook_url whose host is a private, "
+                                                 "loopback or otherwise blocked address; webhooks_not_configured / "
+                                                 "credentials_not_accepted: a webhook_url / source_credentials, and "
+                                                 "this service has no key for them configured"},
     413: {"model": ErrorResponse, "description": "the request body is over the size limit"},
     429: {"model": ErrorResponse, "description": "rate_limited: too many jobs created lately (see Retry-After); "
                                                  "quota_exceeded: too many of your jobs queued or running at once"},
@@ -66,18 +76,25 @@ def _check_quota(store: JobStore, principal: Principal, settings: Settings, new_
                        headers={"Retry-After": "30"})
 
 
+def _check_credentials(bodies: list[JobCreate], settings: Settings) -> None:
+    """403 credentials_not_accepted for source_credentials when no key seals them: checked for
+    every job before any is created (a batch is refused whole)."""
+    if settings.credentials_key is None and any(b.source_credentials is not None for b in bodies):
+        raise ApiError(NOT_CONFIGURED, "credentials_not_accepted",
+                       "this service takes no source credentials (no ATTNONLY_CREDENTIALS_KEY is configured)")
+
+
 def _seal(body: JobCreate, settings: Settings) -> Optional[str]:
-    if body.source_credentials is None:
+    # Without a key, a body with credentials never gets here (_check_credentials refused it).
+    if body.source_credentials is None or settings.credentials_key is None:
         return None
-    if settings.credentials_key is None:
-        raise ApiError(422, "credentials_not_accepted", "this service takes no source credentials "
-                                                        "(no ATTNONLY_CREDENTIALS_KEY is configured)")
     return seal(body.source_credentials, settings.credentials_key)
 
 
 def _submit(body: JobCreate, principal: Principal, store: JobStore, queue, settings: Settings) -> tuple[Job, bool]:
     job, created = store.create(body.source_url, body.options, body.idempotency_key, owner=principal.owner,
-                                sealed_credentials=_seal(body, settings))
+                                sealed_credentials=_seal(body, settings), force=body.force, webhook_url=body.webhook_url,
+                                webhook_events=body.webhook_events)
     if created:
         try:
             queue.enqueue(job.id)
@@ -85,7 +102,7 @@ def _submit(body: JobCreate, principal: Principal, store: JobStore, queue, setti
             # The record exists but no worker will ever see it: finish it so that it does
             # not sit in "queued" forever, free its idempotency key so that the same
             # submission can be made again, and tell the client to retry.
-            log.error("job %s: enqueue failed: %s", job.id, exc)
+            log.error("job %s: enqueue failed: %s", job.id, exc, extra=job_fields(job.id, job.owner))
             store.finish(job.id, JobState.failed, error=JobError(
                 code="queue_unavailable", message="the job could not be queued; submit it again"))
             store.release_idempotency_key(job)
@@ -113,6 +130,8 @@ def create_job(
     store: StoreDep, queue: QueueDep, limiter: RateLimiterDep, settings: SettingsDep,
 ):
     _check_sources([body], principal, settings, batch=False)
+    check_webhooks([body], settings, batch=False)
+    _check_credentials([body], settings)
     _check_quota(store, principal, settings, 1)
     limiter.take(principal.owner, 1)
     job, created = _submit(body, principal, store, queue, settings)
@@ -131,6 +150,8 @@ def create_jobs(
     settings: SettingsDep,
 ):
     _check_sources(bodies, principal, settings, batch=True)
+    check_webhooks(bodies, settings, batch=True)
+    _check_credentials(bodies, settings)
     _check_quota(store, principal, settings, len(bodies))
     limiter.take(principal.owner, len(bodies))
     return BatchCreated(jobs=[job_created(request, _submit(b, principal, store, queue, settings)[0]) for b in bodies])
@@ -142,13 +163,10 @@ def list_jobs(
     principal: PrincipalDep,
     store: StoreDep,
     state: Optional[JobState] = None,
-    cursor: Annotated[Optional[str], Query(max_length=200)] = None,
+    cursor: Annotated[Optional[str], Query(pattern=CURSOR_PATTERN, description="next_cursor of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
 ):
-    try:
-        jobs, next_cursor = store.list(state=state, cursor=cursor, limit=limit, owner=principal.owner)
-    except InvalidCursor as exc:
-        raise ApiError(422, "invalid_cursor", str(exc)) from None
+    jobs, next_cursor = store.list(state=state, cursor=cursor, limit=limit, owner=principal.owner)
     return JobPage(jobs=[job_out(request, j) for j in jobs], next_cursor=next_cursor)
 
 
@@ -173,11 +191,19 @@ def cancel_job(job_id: JobId, request: Request, principal: PrincipalDep, store: 
 
 
 def _artifact_redirect(job: Job, name: str, storage, **presign) -> RedirectResponse:
-    """307 to a fresh presigned URL of the job's artifact ``name``; 404 artifact_not_found
-    when the job has none of that name (yet)."""
+    """307 to a fresh presigned URL of the job's artifact ``name``. A job without it: 409
+    job_not_finished while it is queued or running (ask again later), 409 job_not_succeeded
+    once it failed or was cancelled (its state is the reason), 404 artifact_not_found when
+    it succeeded (no artifact has that name)."""
     artifact = next((a for a in job.artifacts if a.name == name), None)
+    have = ", ".join(a.name for a in job.artifacts) or "none"
+    if artifact is None and not job.state.finished:
+        raise ApiError(409, "job_not_finished", f"job {job.id} is {job.state.value}; its artifacts appear "
+                                                "when it succeeds")
+    if artifact is None and job.state != JobState.succeeded:
+        raise ApiError(409, "job_not_succeeded", f"job {job.id} {job.state.value}: it has no artifact {name!r}; "
+                                                 f"it has: {have}")
     if artifact is None:
-        have = ", ".join(a.name for a in job.artifacts) or f"none yet (the job is {job.state.value})"
         raise ApiError(404, "artifact_not_found", f"job {job.id} has no artifact {name!r}; it has: {have}")
     # A fresh short-lived URL on every request; nothing on the way may keep it.
     return RedirectResponse(
@@ -188,7 +214,7 @@ def _artifact_redirect(job: Job, name: str, storage, **presign) -> RedirectRespo
 
 @router.get(
     "/{job_id}/artifacts/{name}", status_code=307, response_class=RedirectResponse,
-    responses={**NOT_FOUND, 307: {"description": "redirect to a short-lived presigned download URL"}},
+    responses={**NOT_FOUND, **NOT_FINISHED, 307: {"description": "redirect to a short-lived presigned download URL"}},
     summary="Download an artifact (config.json, model.safetensors, report.json, report.html)",
 )
 def get_artifact(
@@ -205,9 +231,9 @@ def get_artifact(
         307: {"description": "redirect to a short-lived presigned URL of report.html, served as text/html "
                              "to be read in a browser (self-contained: it fetches nothing)"},
         404: {"model": ErrorResponse, "description": "job_not_found: no such job of yours (or it expired); "
-                                                     "artifact_not_found: the job has no report.html (not "
-                                                     "finished, failed before its checks, or converted "
-                                                     "before reports were rendered)"},
+                                                     "artifact_not_found: the job succeeded without "
+                                                     "report.html (converted before reports were rendered)"},
+        **NOT_FINISHED,
     },
     summary="Read the job's equivalence report as a web page",
 )

@@ -95,6 +95,7 @@ class Job:
     error: Optional[JobError] = None
     summary: Optional[dict[str, Any]] = None  # the conversion report's summary
     artifacts: list[Artifact] = field(default_factory=list)
+    reused_from: Optional[str] = None  # the earlier job whose artifacts this one copied instead of converting
     replayed: bool = False  # submit only: an earlier job with the same idempotency key
 
     @property
@@ -125,6 +126,7 @@ class Job:
                 cancel_requested=bool(data.get("cancel_requested")),
                 error=JobError(code=str(error["code"]), message=str(error["message"])) if error else None,
                 summary=data.get("summary"),
+                reused_from=data.get("reused_from"),
                 artifacts=[
                     Artifact(name=str(a["name"]), size=int(a["size"]), url=a.get("url"), sha256=a.get("sha256"))
                     for a in data.get("artifacts") or []

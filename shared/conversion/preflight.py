@@ -68,9 +68,10 @@ def estimate(directory, options: ConversionOptions) -> Estimate:
 
 
 def preflight(directory, options: ConversionOptions, memory_budget: int | None = None,
-              disk_budget: int | None = None) -> Estimate:
-    """The estimate, or TooLargeForWorkerError when it exceeds a budget."""
-    found = estimate(directory, options)
+              disk_budget: int | None = None, found: Estimate | None = None) -> Estimate:
+    """The estimate, or TooLargeForWorkerError when it exceeds a budget. ``found``: an estimate
+    made earlier for the same config.json and options (the budgets are checked again)."""
+    found = found or estimate(directory, options)
     for what, need, budget in (("memory", found.peak_memory_bytes, memory_budget),
                                ("disk", found.disk_bytes, disk_budget)):
         if budget is not None and need > budget:

@@ -350,3 +350,15 @@ def test_events_stream_until_the_job_ends_and_resume(make_client, make_settings)
     with alice.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": str(events[-1][0])}) as response:
         assert [line for line in response.iter_lines() if line.startswith("data:")] == []  # nothing new, then closed
     assert bob.get(f"/v1/jobs/{job_id}/events").status_code == 404
+
+
+def test_events_stream_of_a_waiting_job_ends_after_events_stream_seconds(make_client, make_settings):
+    """A job that stays queued holds no stream open for long: after events_stream_seconds the
+    stream closes without an `end` event (the client reconnects with Last-Event-ID)."""
+    alice = make_client(make_settings(events_stream_seconds=1.0), "alice")
+    job_id = alice.post("/v1/jobs", json={"source_url": "https://example.org/m/"}).json()["id"]
+    started = time.monotonic()
+    with alice.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        kinds = [line for line in response.iter_lines() if line.startswith("event:")]
+    assert kinds == ["event: job"]
+    assert 1.0 <= time.monotonic() - started < 10

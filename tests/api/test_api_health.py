@@ -60,3 +60,31 @@ def test_metrics_in_prometheus_text_format(settings, storage):
     names = {f.name for f in text_string_to_metric_families(r.text)}
     assert {"attnonly_jobs", "attnonly_queue_depth", "attnonly_live_workers", "attnonly_stage_seconds",
             "attnonly_bytes"} <= names
+
+
+class _CountingProbe:
+    def __init__(self, answers):
+        self.answers, self.pings = list(answers), 0
+
+    def ping(self) -> bool:
+        self.pings += 1
+        return self.answers.pop(0)
+
+
+def test_readyz_asks_s3_once_per_few_seconds_and_keeps_a_fresh_success(settings):
+    """Under a burst of probes, one S3 request; a probe that times out right after S3 answered
+    does not flip the service to not-ready."""
+    from api.deps import get_probe_storage
+
+    reached = _CountingProbe([True, False])
+    never = _CountingProbe([False, False])
+    try:
+        client = _client_for(settings)
+        app.dependency_overrides[get_probe_storage] = lambda: reached
+        answers = [client.get("/readyz").status_code for _ in range(5)]
+        app.dependency_overrides[get_probe_storage] = lambda: never
+        down = [client.get("/readyz").status_code for _ in range(2)]
+    finally:
+        app.dependency_overrides.clear()
+    assert answers == [200] * 5 and reached.pings == 1
+    assert down == [503, 503] and never.pings == 2  # failures are not kept: each probe asks again

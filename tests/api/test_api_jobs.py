@@ -76,8 +76,17 @@ def test_options_are_stored_as_given(client, store, make_settings):
     ({"source_url": "https://x/", "options": {"calibration": {"tokens": 0}}}, "body", "options.calibration.tokens"),
     ({"source_url": "https://x/", "options": {"calibration": {"seq_len": 1}}}, "body", "options.calibration.seq_len"),
     ({"source_url": "https://x/", "options": {"calibration": {"token_ids": [[]]}}}, "body",
-     "options.calibration.token_ids"),
-    ({"source_url": "https://x/", "options": {"construction": "explicit"}}, "body", "options.construction"),
+     "options.calibration.token_ids[0]"),
+    ({"source_url": "https://x/", "options": {"calibration": {"token_ids": [[1, -1]]}}}, "body",
+     "options.calibration.token_ids[0][1]"),
+    # Strict: a JSON boolean is no integer, a string no number.
+    ({"source_url": "https://x/", "options": {"seed": False}}, "body", "options.seed"),
+    ({"source_url": "https://x/", "options": {"greedy_tokens": "5"}}, "body", "options.greedy_tokens"),
+    ({"source_url": "https://x/", "options": {"tolerance": True}}, "body", "options.tolerance"),
+    ({"source_url": "https://x/", "options": {"seed": 5.5}}, "body", "options.seed"),  # 5.0 is fine, below
+    ({"source_url": "https://x/", "force": 0}, "body", "force"),
+    ({"source_url": "example.org/m"}, "body", "source_url"),  # the documented pattern
+    ({"source_url": "https://x/", "options": {"construction": "factored"}}, "body", "options.construction"),
     ({"source_url": "https://x/", "options": {"checks": ["vibes"]}}, "body", "options.checks[0]"),
     ({"source_url": "https://x/", "options": {"colour": "red"}}, "body", "options.colour"),
     ({"source_url": "https://x/", "idempotency_key": "has space"}, "body", "idempotency_key"),
@@ -90,6 +99,16 @@ def test_invalid_requests_are_422_with_field_paths(client, queue, body, location
     assert {"location": location, "path": path} in [{k: f[k] for k in ("location", "path")} for f in err["fields"]]
     assert all(f["message"] for f in err["fields"])
     assert queue.sent == []
+
+
+def test_integers_may_be_written_with_a_zero_fraction(client, queue, store):
+    # JSON Schema's integer takes 5.0: schema-driven clients send it, and it means 5.
+    options = {"seed": 7.0, "greedy_tokens": 16.0, "calibration": {"token_ids": [[1.0, 2], [3e2]]}}
+    r = client.post("/v1/jobs", json={"source_url": "https://example.org/m/", "options": options})
+    assert r.status_code == 202, r.text
+    stored = store.get(r.json()["id"]).options
+    assert (stored.seed, stored.greedy_tokens, stored.calibration.token_ids) == (7, 16, [[1, 2], [300]])
+    assert isinstance(stored.seed, int)
 
 
 def test_batch_creates_one_job_per_body(client, queue):
@@ -151,7 +170,10 @@ def test_list_filters_and_paginates(client):
     assert client.get("/v1/jobs", params={"state": "exploded"}).status_code == 422
     assert client.get("/v1/jobs", params={"limit": 0}).status_code == 422
     bad = client.get("/v1/jobs", params={"cursor": "not-a-cursor"})
-    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_cursor"
+    assert bad.status_code == 422 and bad.json()["error"]["fields"][0]["path"] == "cursor"
+    # The cursor's documented shape is a position: one after every job lists them all.
+    anywhere = client.get("/v1/jobs", params={"cursor": "9" * 15 + ":" + "f" * 36, "limit": 10})
+    assert [j["id"] for j in anywhere.json()["jobs"]] == list(reversed(ids))
 
 
 def test_cancel(client, store):
@@ -228,15 +250,19 @@ def test_report_redirects_to_the_html_page(client, store, storage, settings, key
     assert client.get("/v1/jobs/nope/report").json()["error"]["code"] == "job_not_found"
     queued, _ = store.create("https://example.org/q/", owner="alice")
     r = client.get(f"/v1/jobs/{queued.id}/report", follow_redirects=False)
-    assert r.status_code == 404 and r.json()["error"]["code"] == "artifact_not_found"
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_not_finished"
     assert "queued" in r.json()["error"]["message"]
 
 
-def test_artifacts_of_an_unfinished_job_are_404_with_a_reason(client, store):
+def test_missing_artifacts_of_a_job_not_succeeded_are_409_with_a_reason(client, store):
     job, _ = store.create("https://example.org/m/", owner="alice")
     r = client.get(f"/v1/jobs/{job.id}/artifacts/model.safetensors", follow_redirects=False)
-    assert r.status_code == 404
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_not_finished"
     assert "queued" in r.json()["error"]["message"]
+    client.post(f"/v1/jobs/{job.id}/cancel")  # queued: cancelled at once, with no artifacts
+    r = client.get(f"/v1/jobs/{job.id}/report", follow_redirects=False)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_not_succeeded"
+    assert "cancelled" in r.json()["error"]["message"]
 
 
 def test_queue_down_is_503_and_the_job_does_not_linger(client, store, queue):

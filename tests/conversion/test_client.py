@@ -130,6 +130,10 @@ def test_status_is_typed():
     assert job.finished and job.progress.layers_total == 2 and job.created_at.year == 2025
     assert job.artifacts[0].name == "model.safetensors" and job.artifacts[0].sha256 == "ab" * 32
     assert job.summary == {"passed": True} and job.error is None
+    assert job.reused_from is None
+    other = "0" * 8 + JOB_ID[8:]
+    with client_for(lambda r: httpx.Response(200, json=job_body(reused_from=other))) as api:
+        assert api.status(JOB_ID).reused_from == other  # a job that copied an earlier job's artifacts
 
 
 def test_list_follows_cursors():

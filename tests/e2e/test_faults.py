@@ -72,7 +72,8 @@ def test_worker_sigkill_mid_conversion_loses_no_job(faults, checkpoints, fault_r
     # Where the three kills land: after the first calibrated layer, after calibration (the
     # worker plans and writes the heads), and in the checks against transformers.
     targets = [1, layers, 2 * layers + 1]
-    body = {"source_url": checkpoints.base + "gpt2-deep/", "options": DEEP}
+    # force: identical jobs, each converted (not reused, worker/reuse.py): each can be killed half-way.
+    body = {"source_url": checkpoints.base + "gpt2-deep/", "options": DEEP, "force": True}
     ids = [j["id"] for j in client.post("/v1/jobs/batch", json=[body] * 3).raise_for_status().json()["jobs"]]
     killed_at: dict[str, int] = {}  # job id -> its attempts when its worker was killed
     kills = []
@@ -119,8 +120,8 @@ def test_pool_child_killed_mid_conversion_is_requeued_at_once(faults, checkpoint
     client, store = faults.client(), faults.store
     worker = faults.start_worker()
     try:
-        job_id = client.post("/v1/jobs", json={"source_url": checkpoints.base + "gpt2-deep/", "options": DEEP}) \
-            .raise_for_status().json()["id"]
+        job_id = client.post("/v1/jobs", json={"source_url": checkpoints.base + "gpt2-deep/", "options": DEEP,
+                                               "force": True}).raise_for_status().json()["id"]
         job = wait_mid_conversion(store, [job_id], {}, 1, time.monotonic() + 120, faults)
         assert job is not None, "the job finished before the kill"
         children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
@@ -328,7 +329,7 @@ def _ordinal(progress: dict, layers: int) -> int:
 
 def test_cancel_while_running_stops_within_a_layer_and_removes_artifacts(service, checkpoints, fault_report):
     client, store = service.client(), service.store
-    body = {"source_url": checkpoints.base + "gpt2-deep/", "options": DEEP_SLOW}
+    body = {"source_url": checkpoints.base + "gpt2-deep/", "options": DEEP_SLOW, "force": True}  # never reused
     for _ in range(4):  # a cancel that lands after the last layer is no test of anything: again
         job_id = client.post("/v1/jobs", json=body).raise_for_status().json()["id"]
         # What an earlier attempt of this job could have uploaded before its worker died.

@@ -59,6 +59,12 @@ def test_credentials_are_sealed_never_shown_and_dropped(make_settings, keys, cap
         # without a key the service refuses credentials instead of storing them in clear
         app.dependency_overrides[get_settings] = lambda: make_settings(rate_limit_jobs=0)
         refused = client.post("/v1/jobs", json=body)
-        assert refused.status_code == 422 and refused.json()["error"]["code"] == "credentials_not_accepted"
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "credentials_not_accepted"
+        # ... and a batch whole, before any of its jobs is created
+        before = len(client.get("/v1/jobs").json()["jobs"])
+        plain = {"source_url": "https://example.org/m/"}
+        batch = client.post("/v1/jobs/batch", json=[plain, body])
+        assert batch.status_code == 403 and batch.json()["error"]["code"] == "credentials_not_accepted"
+        assert len(client.get("/v1/jobs").json()["jobs"]) == before
     finally:
         app.dependency_overrides.clear()

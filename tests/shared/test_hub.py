@@ -1,71 +1,37 @@
 """hf:// sources against a local imitation of a model hub: its resolve URLs, a redirect of the
 weights to a storage host, and 401 for a gated repository without the right token. The token
 reaches the hub's host only, never the storage host it redirects to."""
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import hashlib
 
 import pytest
 
+from hub_imitation import TOKEN, serve_hub  # tests/ is on sys.path (pytest's rootdir-based import)
 from shared.fetch import FetchError, FetchLimits, fetch_source, parse_url
 from shared.hub import parse_hub_url
 
-TOKEN = "hf_test_token_0123456789"
 
-
-class _Hub(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        self.server.seen.append((self.headers.get("Host"), self.path, self.headers.get("Authorization")))
-        files, storage = self.server.files, self.server.storage
-        if self.path.startswith("/blobs/"):  # the storage host: no token needed, none must come
-            return self._send(200, files[self.path.rsplit("/", 1)[-1]])
-        parts = self.path.split("/")  # /ORG/REPO/resolve/REV/FILE
-        if len(parts) != 6 or parts[3] != "resolve" or parts[4] not in ("main", "0123abcd"):
-            return self._send(404, b"")
-        if parts[2] == "gated" and self.headers.get("Authorization") != f"Bearer {TOKEN}":
-            return self._send(401, b"")
-        name = parts[5]
-        if name not in files:
-            return self._send(404, b"")
-        if name.endswith(".safetensors"):  # large files live on the storage host
-            return self._send(302, b"", {"Location": f"http://{storage}/blobs/{name}"})
-        return self._send(200, files[name])
-
-    def _send(self, status, body, headers=()):
-        self.send_response(status)
-        for key, value in dict(headers).items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
+def _tiny_model(path):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    saved = tmp_path_factory.mktemp("hubmodel")
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(saved)
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
-    httpd.files = {p.name: p.read_bytes() for p in saved.iterdir()}
-    httpd.seen = []
-    port = httpd.server_address[1]
-    httpd.storage = f"localhost:{port}"  # another host name for the same server: another origin
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return _tiny_model(tmp_path_factory.mktemp("hubmodel"))
+
+
+@pytest.fixture(scope="module")
+def hub(saved):
+    with serve_hub(saved) as httpd:
+        yield httpd
 
 
 def limits(hub, token=None):
-    return FetchLimits(allow_hosts=("127.0.0.1", "localhost"), hub_endpoint=f"http://127.0.0.1:{hub.server_address[1]}",
-                       hub_token=token)
+    return FetchLimits(allow_hosts=("127.0.0.1", "localhost"), hub_endpoint=hub.endpoint, hub_token=token)
 
 
 @pytest.mark.parametrize("url, repo, revision", [
@@ -107,3 +73,61 @@ def test_gated_repository_needs_the_token(hub, tmp_path):
 
 def test_token_is_not_in_the_limits_repr(hub):
     assert TOKEN not in repr(limits(hub, TOKEN))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_weight_hashes_come_from_the_hub_before_any_weights(hub, saved, tmp_path):
+    hub.seen.clear()
+    seen = {}
+
+    def on_weights(directory, hashes):
+        seen.update(hashes=hashes, files=sorted(p.name for p in directory.iterdir()),
+                    requests=[path for _, path, _ in hub.seen])
+        raise _Stop()  # as the worker does when it reuses an earlier conversion
+
+    with pytest.raises(_Stop):
+        fetch_source("hf://org/public", tmp_path / "a", limits(hub), on_weights=on_weights)
+    expected = hashlib.sha256((saved / "model.safetensors").read_bytes()).hexdigest()
+    assert seen["hashes"] == {"model.safetensors": expected}
+    assert "config.json" in seen["files"] and "model.safetensors" not in seen["files"]
+    assert not any(path.endswith(".safetensors") for path in seen["requests"])  # no weights asked for
+    assert not any(path.endswith(".safetensors") for _, path, _ in hub.seen)  # nor after the stop
+    assert list((tmp_path / "a").iterdir()) == []
+
+
+def test_sharded_weights_each_shard_hashed_and_the_download_goes_on(tmp_path_factory, tmp_path):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model_dir = tmp_path_factory.mktemp("sharded")
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(
+        model_dir, max_shard_size="20KB")
+    shards = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    assert len(shards) > 1
+    got = {}
+    with serve_hub(model_dir) as shard_hub:
+        fetch_source("hf://org/sharded", tmp_path / "s", limits(shard_hub), on_weights=lambda d, h: got.update(h))
+        index_gets = [path for _, path, _ in shard_hub.seen if path.endswith(".index.json")]
+    assert got == {n: hashlib.sha256((model_dir / n).read_bytes()).hexdigest() for n in shards}
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.safetensors")) == shards
+    assert len(index_gets) == 1  # fetched once, for the hashes, and kept
+
+
+def test_a_hub_without_linked_etags_gives_no_hashes(saved, tmp_path):
+    called = []
+    with serve_hub(saved, linked_etags=False) as plain:
+        fetch_source("hf://org/public", tmp_path / "p", limits(plain), on_weights=lambda d, h: called.append(h))
+        assert plain.heads  # it was asked
+    assert called == []
+    assert (tmp_path / "p" / "model.safetensors").is_file()
+
+
+def test_the_head_of_a_gated_file_carries_the_token(hub, tmp_path):
+    got = {}
+    # The imitation answers 401 to a HEAD without the token: a hash arriving shows it was sent.
+    fetch_source("hf://org/gated", tmp_path / "g", limits(hub, TOKEN), on_weights=lambda d, h: got.update(h))
+    assert list(got) == ["model.safetensors"]

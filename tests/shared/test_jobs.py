@@ -197,3 +197,19 @@ def test_writes_of_a_superseded_attempt_change_nothing(store):
         == JobState.downloading
     done = store.finish(job.id, JobState.succeeded, attempt=second)
     assert done.state == JobState.succeeded
+
+
+def test_create_and_finish_prune_expired_members_of_their_indexes(store):
+    """The pruning on every create and finish (one server-side script): index members of
+    expired records go, live ones stay."""
+    old, _ = store.create("https://a/old", owner="alice")
+    store.finish(old.id, JobState.failed, error=JobError(code="boom", message="it broke"))
+    store.redis.delete(store._job_key(old.id))  # as if its TTL had run out
+    new, _ = store.create("https://a/new", owner="alice")
+    assert store.redis.zrange(f"{store.prefix}:jobs", 0, -1) == [new.index_member]
+    assert store.redis.zrange(store._owner_index("alice"), 0, -1) == [new.index_member]
+    failed_index = store._state_index(JobState.failed)
+    assert store.redis.zrange(failed_index, 0, -1) == [old.index_member]  # not pruned by a create
+    store.finish(new.id, JobState.failed, error=JobError(code="boom", message="it broke"))
+    assert store.redis.zrange(failed_index, 0, -1) == [new.index_member]
+    assert store.redis.zrange(store._owner_index("alice", JobState.failed), 0, -1) == [new.index_member]

@@ -102,3 +102,26 @@ def test_unreachable_endpoint_is_a_storage_error(make_settings, tmp_path):
     assert info.value.code == "storage_unavailable"
     with pytest.raises(StorageError):
         storage.ensure_bucket()
+
+
+def test_copy_artifact_is_a_server_side_copy_of_its_own(make_settings, tmp_path):
+    # A 5 MiB multipart threshold: the larger file goes part by part (UploadPartCopy).
+    storage = Storage(make_settings(s3_multipart_threshold_bytes=5 * 2**20, s3_multipart_chunk_bytes=5 * 2**20))
+    storage.ensure_bucket()
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "report.html").write_text("<p>ok</p>")
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * (11 * 2**12))  # 11 MiB
+    first = storage.upload_job_files("job-a", folder, ["report.html", "model.safetensors"])
+    copies = [storage.copy_artifact(a, "job-b") for a in first]
+    assert [(c.name, c.size, c.sha256, c.key) for c in copies] == [
+        (a.name, a.size, a.sha256, f"jobs/job-b/{a.name}") for a in first]
+    storage.delete_prefix(job_prefix("job-a"))
+    for copy in copies:
+        got = storage.client.get_object(Bucket=storage.bucket, Key=copy.key)
+        data = got["Body"].read()
+        assert len(data) == copy.size and hashlib.sha256(data).hexdigest() == copy.sha256
+    assert got["ContentType"] == "application/octet-stream"
+    html = storage.client.head_object(Bucket=storage.bucket, Key="jobs/job-b/report.html")
+    assert html["ContentType"].startswith("text/html")  # still shown inline by the report link
+    assert storage.list_keys("jobs/") == ["jobs/job-b/model.safetensors", "jobs/job-b/report.html"]

@@ -19,7 +19,7 @@ from worker.tasks import ARTIFACT_NAMES, ProgressReporter, run_job
 STAGES = ("loading", "calibrating", "converting", "checking", "writing")
 
 
-def fake_fetch(url, dest: Path, limits, progress=None, on_config=None):
+def fake_fetch(url, dest: Path, limits, progress=None, on_config=None, on_weights=None):
     assert limits.allow_pickle is False
     (dest / "config.json").write_text('{"model_type": "gpt2"}')
     if progress:
@@ -216,7 +216,7 @@ def test_the_fetch_gets_the_scopes_of_the_jobs_owner(store, storage, make_settin
     settings = make_settings(s3_source_scopes="alice=models/a, bob=models/b, *=shared-models")
     seen = []
 
-    def recording_fetch(url, dest, limits, progress=None, on_config=None):
+    def recording_fetch(url, dest, limits, progress=None, on_config=None, on_weights=None):
         seen.append(limits.s3_source_rules)
         return fake_fetch(url, dest, limits, progress)
 
@@ -229,7 +229,7 @@ def test_the_fetch_gets_the_scopes_of_the_jobs_owner(store, storage, make_settin
 def test_fetch_errors_keep_their_code(store, storage, settings):
     job, _ = store.create("https://example.org/m/", None)
 
-    def refuse(url, dest, limits, progress=None, on_config=None):
+    def refuse(url, dest, limits, progress=None, on_config=None, on_weights=None):
         raise FetchError("url_address_blocked", "the host resolves to a private address")
 
     assert run(store, storage, settings, job.id, fetch=refuse, convert=FakeConvert()) == JobState.failed
@@ -240,7 +240,7 @@ def test_cancel_during_download(store, storage, settings, monkeypatch):
     monkeypatch.setattr(ProgressReporter, "MIN_INTERVAL", 0.0)  # no throttling: check at once
     job, _ = store.create("https://example.org/m/", None)
 
-    def slow_fetch(url, dest, limits, progress=None, on_config=None):
+    def slow_fetch(url, dest, limits, progress=None, on_config=None, on_weights=None):
         store.request_cancel(job.id)
         progress(10, 100)  # fetch_source lets the callback's exception through
         raise AssertionError("the download should have been stopped")

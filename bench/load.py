@@ -1,0 +1,228 @@
+"""Load on the real service over loopback: submissions, then status reads, from concurrent
+clients; prints requests/s, p50 and p99 per kind and the errors by status.
+
+    .venv/bin/python bench/load.py                          # 1,000 submissions + 10,000 reads, 50 clients
+    .venv/bin/python bench/load.py --submissions 100 --reads 500 --clients 10   # the test's size
+
+It starts its own processes (bench/service.py): a private redis-server, moto's S3 server and
+the API under uvicorn with --api-workers processes. No Celery worker runs: the jobs stay
+queued, which is what a status read of a busy service sees. The rate limit and the
+per-owner quota are set high for the run (ATTNONLY_RATE_LIMIT_JOBS and
+ATTNONLY_MAX_ACTIVE_JOBS_PER_OWNER = 1,000,000) so that the figures measure the API, not the
+limits; a 429 would count as intended only with code rate_limited or quota_exceeded.
+
+Each client is a coroutine with its own connection (httpx, keep-alive); the clients are
+spread over --client-procs processes, because one Python process cannot drive the API's
+processes at full speed. Writes the figures to bench/out/load-<time>.json (--json: elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from bench.service import ServiceStack, group_cpu_seconds  # noqa: E402
+
+INTENDED_429 = ("rate_limited", "quota_exceeded")
+HIGH_LIMIT = 1_000_000
+# Nothing listens there and nothing fetches it: no worker runs.
+SOURCE_URL = "http://127.0.0.1:9/bench/gpt2-tiny/"
+
+
+@dataclass
+class Sample:
+    status: int
+    code: Optional[str]  # the error body's code, for statuses >= 400
+    seconds: float
+    job_id: Optional[str] = None
+
+
+@dataclass
+class KindFigures:
+    kind: str
+    requests: int
+    seconds: float  # first request sent to last answer received
+    per_second: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    errors: dict[str, int] = field(default_factory=dict)  # "status code" -> count, 2xx excluded
+    intended_429: int = 0
+    # CPU time the API's processes and redis-server spent per request: what a request
+    # costs, whatever else runs on the machine.
+    api_cpu_ms: float = 0.0
+    redis_cpu_ms: float = 0.0
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted values."""
+    index = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[index]
+
+
+async def _one(client: httpx.AsyncClient, method: str, path: str, body: Optional[dict]) -> Sample:
+    started = time.perf_counter()
+    try:
+        response = await client.request(method, path, json=body)
+    except httpx.HTTPError as exc:
+        return Sample(0, type(exc).__name__, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    if response.status_code >= 400:
+        try:
+            code = response.json()["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            code = None
+        return Sample(response.status_code, code, seconds)
+    job_id = response.json().get("id") if method == "POST" else None
+    return Sample(response.status_code, None, seconds, job_id)
+
+
+async def _clients(url: str, headers: dict, plans: list[list[tuple[str, str, Optional[dict]]]]):
+    """Run each plan (a list of requests) on a client of its own, all at once."""
+    async def run(plan):
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60, limits=limits) as client:
+            return [await _one(client, *request) for request in plan]
+
+    first = time.time()
+    results = await asyncio.gather(*(run(p) for p in plans))
+    return first, time.time(), [s for r in results for s in r]
+
+
+def _client_process(args) -> tuple[float, float, list[Sample]]:
+    url, headers, plans = args
+    return asyncio.run(_clients(url, headers, plans))
+
+
+def run_phase(url: str, headers: dict, plans: list, procs: int) -> tuple[float, list[Sample]]:
+    """Spread the clients' plans over ``procs`` processes; (wall seconds, samples)."""
+    groups = [plans[i::procs] for i in range(procs)]
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        results = pool.map(_client_process, [(url, headers, g) for g in groups if g])
+    first = min(r[0] for r in results)
+    last = max(r[1] for r in results)
+    return last - first, [s for r in results for s in r[2]]
+
+
+def figures(kind: str, seconds: float, samples: list[Sample], cpu: tuple[float, float]) -> KindFigures:
+    times = sorted(s.seconds for s in samples)
+    errors: dict[str, int] = {}
+    intended = 0
+    for s in samples:
+        if 200 <= s.status < 300:
+            continue
+        errors[f"{s.status} {s.code}"] = errors.get(f"{s.status} {s.code}", 0) + 1
+        intended += s.status == 429 and s.code in INTENDED_429
+    return KindFigures(kind, len(samples), round(seconds, 3), round(len(samples) / seconds, 1),
+                       round(percentile(times, 50) * 1e3, 1), round(percentile(times, 99) * 1e3, 1),
+                       round(times[-1] * 1e3, 1), errors, intended,
+                       round(cpu[0] / len(samples) * 1e3, 3), round(cpu[1] / len(samples) * 1e3, 3))
+
+
+def split(total: int, clients: int) -> list[int]:
+    return [total // clients + (i < total % clients) for i in range(clients)]
+
+
+def machine() -> dict:
+    load = os.getloadavg()
+    return {"cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in load]}
+
+
+def run(args) -> dict:
+    started = time.monotonic()
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="attnonly-load-")))
+        svc = ServiceStack(stack, work, rate_limit_jobs=HIGH_LIMIT, max_active_jobs_per_owner=HIGH_LIMIT)
+        url = svc.start_api(workers=args.api_workers)
+        headers = svc.headers()
+        print(f"API {url} with {args.api_workers} uvicorn worker process(es); redis {svc.redis.url}; "
+              f"S3 {svc.s3.url}; rate limit and quota {HIGH_LIMIT:,} (set high for the run)", flush=True)
+        # Warm every API process (imports, clients made once) before measuring.
+        with httpx.Client(base_url=url, headers=headers) as warm:
+            for _ in range(4 * args.api_workers):
+                warm.get("/v1/jobs?limit=1")
+        load_before = machine()
+
+        def cpu() -> tuple[float, float]:
+            return group_cpu_seconds(svc.api.pid), group_cpu_seconds(svc.redis.proc.pid)
+
+        body = {"source_url": SOURCE_URL}
+        plans = [[("POST", "/v1/jobs", body)] * n for n in split(args.submissions, args.clients)]
+        cpu0 = cpu()
+        submit_seconds, submitted = run_phase(url, headers, plans, args.client_procs)
+        cpu1 = cpu()
+        ids = [s.job_id for s in submitted if s.job_id]
+        rng = random.Random(0)
+        plans = [[("GET", f"/v1/jobs/{rng.choice(ids)}", None) for _ in range(n)]
+                 for n in split(args.reads, args.clients)] if ids else []
+        read_seconds, reads = run_phase(url, headers, plans, args.client_procs) if plans else (1.0, [])
+        cpu2 = cpu()
+        load_after = machine()
+    result = {
+        "what": "bench/load.py", "submissions": args.submissions, "reads": args.reads, "clients": args.clients,
+        "client_procs": args.client_procs, "api_workers": args.api_workers,
+        "rate_limit_and_quota": HIGH_LIMIT, "machine_before": load_before, "machine_after": load_after,
+        "kinds": [asdict(figures("submit", submit_seconds, submitted, (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])))]
+        + ([asdict(figures("status", read_seconds, reads, (cpu2[0] - cpu1[0], cpu2[1] - cpu1[1])))]
+           if reads else []),
+        "total_seconds": round(time.monotonic() - started, 1),
+    }
+    return result
+
+
+def report(result: dict) -> str:
+    lines = [f"== load: {result['submissions']} submissions, {result['reads']} status reads, "
+             f"{result['clients']} clients in {result['client_procs']} processes, "
+             f"{result['api_workers']} API processes ==",
+             f"machine: {result['machine_before']['cpus']} CPUs, load avg before "
+             f"{result['machine_before']['loadavg']}, after {result['machine_after']['loadavg']}"]
+    for k in result["kinds"]:
+        errors = ", ".join(f"{n}x {s}" for s, n in k["errors"].items()) or "none"
+        lines.append(f"{k['kind']:<7} {k['requests']:>6} req in {k['seconds']:7.2f} s = {k['per_second']:7.1f} req/s"
+                     f" | p50 {k['p50_ms']:7.1f} ms | p99 {k['p99_ms']:7.1f} ms | max {k['max_ms']:7.1f} ms"
+                     f" | CPU/request: API {k['api_cpu_ms']:.2f} ms, redis {k['redis_cpu_ms']:.2f} ms"
+                     f" | errors: {errors} (intended 429s: {k['intended_429']})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Load on the real service: submissions and status reads")
+    parser.add_argument("--submissions", type=int, default=1000)
+    parser.add_argument("--reads", type=int, default=10000)
+    parser.add_argument("--clients", type=int, default=50, help="concurrent clients, one connection each")
+    parser.add_argument("--client-procs", type=int, default=2, help="processes the clients are spread over")
+    parser.add_argument("--api-workers", type=int, default=2, help="uvicorn worker processes of the API")
+    parser.add_argument("--json", type=Path, default=None, help="default: bench/out/load-<time>.json")
+    args = parser.parse_args(argv)
+    # SIGTERM ends the run like Ctrl-C: every process it started is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    result = run(args)
+    print(report(result), flush=True)
+    out = args.json or ROOT / "bench" / "out" / f"load-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"written: {out}")
+    unintended = sum(n for k in result["kinds"] for n in k["errors"].values()) - \
+        sum(k["intended_429"] for k in result["kinds"])
+    return 1 if unintended else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
