@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.url_patterns import SOURCE_URL_PATTERN, WEBHOOK_URL_PATTERN
+from api.url_patterns import S3_ENDPOINT_PATTERN, SOURCE_URL_PATTERN, WEBHOOK_URL_PATTERN
 from shared.credentials import SourceCredentials
 
 from shared.job_options import JobOptions
@@ -22,6 +22,20 @@ from shared.webhook_records import ALL_EVENTS, WebhookAttempt, WebhookEvent
 SOURCE_SCHEMES = ("http", "https", "s3", "hf")
 MAX_BATCH = 100
 MAX_PAGE = 100
+
+
+class SourceCredentialsIn(SourceCredentials):
+    """SourceCredentials as submitted: the endpoint with its documented shape (shared/ does not
+    depend on api/, where the URL patterns live)."""
+
+    s3_endpoint_url: Optional[str] = Field(
+        None, min_length=1, max_length=2048, pattern=S3_ENDPOINT_PATTERN, repr=False,
+        description="http(s)://host[:port][/path] (no user@, query or fragment) of the S3-compatible service "
+        "holding your bucket (your MinIO, R2, Wasabi...): your S3 keys are sent there and only there. Used with "
+        "s3_access_key and s3_secret_key only, ignored without them. A literal private, loopback or otherwise "
+        "blocked address is refused (403 s3_endpoint_blocked); a name is resolved and checked by the worker "
+        "(the job fails with s3_endpoint_blocked). Unset: the service's own S3 source endpoint.",
+    )
 
 
 class JobCreate(BaseModel):
@@ -44,7 +58,7 @@ class JobCreate(BaseModel):
         "source_forbidden) or readable with the job's own source_credentials.",
     )
     options: JobOptions = Field(default_factory=JobOptions)
-    source_credentials: Optional[SourceCredentials] = Field(
+    source_credentials: Optional[SourceCredentialsIn] = Field(
         None, description="for a gated or private source: a hub token (hf:// sources) or S3 keys for your own "
         "bucket. Sealed in the job record, used for the download alone, dropped when the job ends, never returned.",
     )

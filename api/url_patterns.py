@@ -68,3 +68,11 @@ def _ipv6() -> str:
 _PORT = r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?"
 WEBHOOK_URL_PATTERN = (rf"^[Hh][Tt][Tt][Pp][Ss]?://(?:{_NAME}|{_IPV4}|\[{_ipv6()}\]){_PORT}"
                        rf"(?:[/?#][{_PRINTABLE}]*)?$")
+
+
+# --- source_credentials.s3_endpoint_url --------------------------------------------------
+# http(s)://HOST[:PORT][/path]: the webhook_url host and port (read alike by
+# shared.s3_endpoint.check_endpoint, through the same parser), and no query or fragment (an
+# S3 endpoint has none).
+S3_ENDPOINT_PATTERN = (rf"^[Hh][Tt][Tt][Pp][Ss]?://(?:{_NAME}|{_IPV4}|\[{_ipv6()}\]){_PORT}"
+                       rf"(?:/{_S3_KEY}*)?$")

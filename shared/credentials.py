@@ -17,6 +17,13 @@ class SourceCredentials(BaseModel):
                                            description="bearer token for hf:// sources, sent to the hub's host only")
     s3_access_key: Optional[SecretStr] = Field(None, min_length=1, max_length=256)
     s3_secret_key: Optional[SecretStr] = Field(None, min_length=1, max_length=256)
+    # Where the S3 keys go (the user's MinIO, R2, Wasabi...); a str, not a SecretStr, so that
+    # the API can publish its pattern (api.schemas.SourceCredentialsIn), but kept out of reprs
+    # and, like the rest, only sealed in the record and never returned. Unused without both keys.
+    s3_endpoint_url: Optional[str] = Field(
+        None, min_length=1, max_length=2048, repr=False,
+        description="http(s)://host[:port][/path] of the S3-compatible service holding your bucket; used with "
+        "s3_access_key and s3_secret_key only (ignored without them). Unset: the service's own S3 endpoint")
 
     def has_s3(self) -> bool:
         return self.s3_access_key is not None and self.s3_secret_key is not None
@@ -33,7 +40,7 @@ def _fernet(key: SecretStr):
 
 
 def seal(credentials: SourceCredentials, key: SecretStr) -> str:
-    plain = {k: v.get_secret_value() for k, v in credentials if v is not None}
+    plain = {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in credentials if v is not None}
     import json
 
     return _fernet(key).encrypt(json.dumps(plain).encode()).decode()

@@ -16,6 +16,9 @@ directory or of a .tar/.tar.gz/.tgz archive, and s3:// URLs of either. The defen
 * s3:// sources are read only inside the owner's scopes (`shared.source_scopes`, carried
   by `FetchLimits.s3_source_rules`; none allows no s3:// source), never from the
   artifacts bucket; checked before any S3 client exists.
+* A job's own S3 endpoint (`FetchLimits.s3_endpoint_checked`) is resolved and every address
+  checked before its S3 client exists (`shared.s3_endpoint`); boto3 then resolves the name
+  again itself, so unlike http(s) sources its connection is not pinned to the checked address.
 * On any failure `dest_dir` is left empty.
 * `post_checked` sends webhook events (shared/webhook_delivery.py) through the same
   address checks and pinned connections; it follows no redirect.
@@ -89,7 +92,10 @@ class FetchLimits:
     max_archive_files: int = 10_000
     max_unpacked_bytes: int = 40 * 2**30
     allow_pickle: bool = False
-    s3_endpoint_url: str | None = None
+    s3_endpoint_url: str | None = field(default=None, repr=False)
+    # The endpoint is the job's own (SourceCredentials.s3_endpoint_url): its addresses are
+    # checked before the client exists, and errors do not name it.
+    s3_endpoint_checked: bool = False
     s3_access_key: str | None = None
     s3_secret_key: str | None = None
     s3_region: str = "us-east-1"
@@ -713,6 +719,11 @@ class _S3Remote:
 
         self.bucket, self.key = base.host, base.target
         self.base = base
+        self.endpoint_checked = limits.s3_endpoint_checked
+        if self.endpoint_checked:
+            from shared.s3_endpoint import check_endpoint
+
+            check_endpoint(limits.s3_endpoint_url, limits.allow_hosts, resolve_names=True)
         config = Config(
             connect_timeout=limits.connect_timeout, read_timeout=limits.read_timeout,
             retries={"max_attempts": 3, "mode": "standard"},
@@ -746,9 +757,11 @@ class _S3Remote:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             raise FetchError("source_http_error", f"S3 error {code} (HTTP {status}) for {what}") from None
         except (ConnectTimeoutError, ReadTimeoutError) as exc:
-            raise FetchError("download_timeout", f"timed out reading {what}: {exc}") from None
+            detail = type(exc).__name__ if self.endpoint_checked else exc  # botocore's names the endpoint
+            raise FetchError("download_timeout", f"timed out reading {what}: {detail}") from None
         except BotoCoreError as exc:
-            raise FetchError("source_unreachable", f"cannot read {what}: {exc}") from None
+            detail = type(exc).__name__ if self.endpoint_checked else exc
+            raise FetchError("source_unreachable", f"cannot read {what}: {detail}") from None
 
     def exists(self, name: str) -> bool:
         key = self._key_for(name)

@@ -288,6 +288,10 @@ class Settings(BaseSettings):
             access_key, secret_key = (credentials.s3_access_key.get_secret_value(),
                                       credentials.s3_secret_key.get_secret_value())
         hub_token = credentials.hub_token.get_secret_value() if credentials and credentials.hub_token else None
+        # The job's keys go to the job's endpoint where it names one (checked by the fetcher
+        # before connecting), else to the service's source endpoint; the service's keys never
+        # go to the job's endpoint.
+        own_endpoint = credentials.s3_endpoint_url if own_s3 else None
         return FetchLimits(
             max_download_bytes=self.max_download_bytes,
             connect_timeout=self.fetch_connect_timeout,
@@ -297,7 +301,8 @@ class Settings(BaseSettings):
             max_archive_files=self.max_archive_files,
             max_unpacked_bytes=self.max_unpacked_bytes,
             allow_pickle=self.allow_pickle,
-            s3_endpoint_url=self.s3_source_endpoint_url or self.s3_endpoint_url,
+            s3_endpoint_url=own_endpoint or self.s3_source_endpoint_url or self.s3_endpoint_url,
+            s3_endpoint_checked=own_endpoint is not None,
             s3_access_key=access_key,
             s3_secret_key=secret_key,
             s3_region=self.s3_region,

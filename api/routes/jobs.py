@@ -24,6 +24,7 @@ from shared.logs import job_fields
 from shared.safefiles import FetchError
 from shared.settings import Settings
 from shared.credentials import seal
+from shared.s3_endpoint import BLOCKED as S3_ENDPOINT_BLOCKED, check_endpoint
 from shared.source_scopes import check_source_url
 from shared.storage import HTML_CONTENT_TYPE
 
@@ -46,7 +47,8 @@ CREATE_ERRORS = {
     **UNAVAILABLE,
     403: {"model": ErrorResponse, "description": "source_forbidden: an s3:// source outside your S3 source scopes; "
                                                  "webhook_address_blocked: a webhook_url whose host is a private, "
-                                                 "loopback or otherwise blocked address; webhooks_not_configured / "
+                                                 "loopback or otherwise blocked address; s3_endpoint_blocked: the "
+                                                 "same for source_credentials.s3_endpoint_url; webhooks_not_configured / "
                                                  "credentials_not_accepted: a webhook_url / source_credentials, and "
                                                  "this service has no key for them configured"},
     413: {"model": ErrorResponse, "description": "the request body is over the size limit"},
@@ -76,12 +78,23 @@ def _check_quota(store: JobStore, principal: Principal, settings: Settings, new_
                        headers={"Retry-After": "30"})
 
 
-def _check_credentials(bodies: list[JobCreate], settings: Settings) -> None:
-    """403 credentials_not_accepted for source_credentials when no key seals them: checked for
-    every job before any is created (a batch is refused whole)."""
+def _check_credentials(bodies: list[JobCreate], settings: Settings, batch: bool) -> None:
+    """403 credentials_not_accepted for source_credentials when no key seals them, 403
+    s3_endpoint_blocked for an s3_endpoint_url that is a literal blocked address (names are
+    checked by the worker): checked for every job before any is created (a batch is refused whole)."""
     if settings.credentials_key is None and any(b.source_credentials is not None for b in bodies):
         raise ApiError(NOT_CONFIGURED, "credentials_not_accepted",
                        "this service takes no source credentials (no ATTNONLY_CREDENTIALS_KEY is configured)")
+    for i, body in enumerate(bodies):
+        endpoint = body.source_credentials.s3_endpoint_url if body.source_credentials else None
+        if endpoint is None:
+            continue
+        try:
+            check_endpoint(endpoint, settings.fetch_allow_hosts, resolve_names=False)
+        except FetchError as exc:
+            # s3_endpoint_invalid cannot follow an endpoint that matches its pattern (api.url_patterns).
+            status = 403 if exc.code == S3_ENDPOINT_BLOCKED else 422
+            raise ApiError(status, exc.code, f"[{i}].source_credentials: {exc.message}" if batch else exc.message) from None
 
 
 def _seal(body: JobCreate, settings: Settings) -> Optional[str]:
@@ -131,7 +144,7 @@ def create_job(
 ):
     _check_sources([body], principal, settings, batch=False)
     check_webhooks([body], settings, batch=False)
-    _check_credentials([body], settings)
+    _check_credentials([body], settings, batch=False)
     _check_quota(store, principal, settings, 1)
     limiter.take(principal.owner, 1)
     job, created = _submit(body, principal, store, queue, settings)
@@ -151,7 +164,7 @@ def create_jobs(
 ):
     _check_sources(bodies, principal, settings, batch=True)
     check_webhooks(bodies, settings, batch=True)
-    _check_credentials(bodies, settings)
+    _check_credentials(bodies, settings, batch=True)
     _check_quota(store, principal, settings, len(bodies))
     limiter.take(principal.owner, len(bodies))
     return BatchCreated(jobs=[job_created(request, _submit(b, principal, store, queue, settings)[0]) for b in bodies])
