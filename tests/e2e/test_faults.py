@@ -207,8 +207,9 @@ def test_s3_down_at_upload_retries_with_backoff_then_fails(faults, checkpoints):
 
 
 def _log_time(line: str) -> float:
-    # Celery's log lines start "[2024-06-01 12:00:00,123: LEVEL/Process] ...".
-    stamp = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})", line).group(1)
+    # "2024-06-01 12:00:00,123 LEVEL logger: ..." (shared/logs.py's text format; Celery's own
+    # lines are "[2024-06-01 12:00:00,123: LEVEL/Process] ...").
+    stamp = re.match(r"\[?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})", line).group(1)
     return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
