@@ -34,13 +34,12 @@ import argparse
 import json
 import os
 import random
-import signal
 import statistics
 import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -51,7 +50,7 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import redis  # noqa: E402
 
-from bench.service import ServiceStack  # noqa: E402
+from bench.service import ServiceStack, run_and_record  # noqa: E402
 from deploy.demo import make_tiny_checkpoint, serve_directory  # noqa: E402
 from shared.jobs import RUNNING_STATES, JobState  # noqa: E402
 
@@ -280,13 +279,8 @@ def main(argv=None) -> int:
     parser.add_argument("--logs", action="store_true", help="print the tail of every process's log at the end")
     parser.add_argument("--json", type=Path, default=None, help="default: bench/out/chaos-<time>.json")
     args = parser.parse_args(argv)
-    # SIGTERM ends the run like Ctrl-C: every process it started is stopped on the way out.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    result = run(args)
+    result, out = run_and_record("chaos", lambda: run(args), args.json)
     print(report(result), flush=True)
-    out = args.json or ROOT / "bench" / "out" / f"chaos-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(asdict(result), indent=2))
     print(f"written: {out}")
     return 0 if result.succeeded == result.jobs else 1
 

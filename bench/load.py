@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import random
-import signal
 import sys
 import tempfile
 import time
@@ -38,7 +36,7 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 
-from bench.service import ServiceStack, group_cpu_seconds  # noqa: E402
+from bench.service import ServiceStack, group_cpu_seconds, run_and_record  # noqa: E402
 
 INTENDED_429 = ("rate_limited", "quota_exceeded")
 HIGH_LIMIT = 1_000_000
@@ -211,13 +209,8 @@ def main(argv=None) -> int:
     parser.add_argument("--api-workers", type=int, default=2, help="uvicorn worker processes of the API")
     parser.add_argument("--json", type=Path, default=None, help="default: bench/out/load-<time>.json")
     args = parser.parse_args(argv)
-    # SIGTERM ends the run like Ctrl-C: every process it started is stopped on the way out.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    result = run(args)
+    result, out = run_and_record("load", lambda: run(args), args.json)
     print(report(result), flush=True)
-    out = args.json or ROOT / "bench" / "out" / f"load-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     print(f"written: {out}")
     unintended = sum(n for k in result["kinds"] for n in k["errors"].values()) - \
         sum(k["intended_429"] for k in result["kinds"])

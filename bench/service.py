@@ -10,6 +10,7 @@ and started on the same port, several API processes, and workers addressed by na
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import asdict, is_dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Optional
@@ -27,6 +29,8 @@ from deploy.local import (
     RedisServer, api_argv, free_port, prepare_bucket, service_env, start_process, stop_process, wait_ready,
     worker_argv,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class S3Server:
@@ -161,3 +165,16 @@ class ServiceStack:
     def logs_tail(self, chars: int = 3000) -> str:
         return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-chars:]}"
                          for p in sorted(self.log_dir.glob("*.log")))
+
+
+def run_and_record(name: str, run, json_path: Path | None):
+    """run() with SIGTERM ending it like Ctrl-C (every process it started is stopped on the way
+    out); its result, a dataclass or a dict, written as JSON to json_path or
+    bench/out/<name>-<time>.json. Returns the result."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    result = run()
+    out = json_path or ROOT / "bench" / "out" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(asdict(result) if is_dataclass(result) else result, indent=2))
+    return result, out
+
