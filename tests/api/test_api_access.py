@@ -12,14 +12,7 @@ from api.deps import get_queue
 from api.main import app
 from shared.jobs import Artifact, JobState
 from shared.settings import Settings, get_settings
-
-
-class RecordingQueue:
-    def __init__(self):
-        self.sent = []
-
-    def enqueue(self, job_id):
-        self.sent.append(job_id)
+from recording_queue import RecordingQueue  # tests/ is on sys.path (pytest's rootdir-based import)
 
 
 @pytest.fixture

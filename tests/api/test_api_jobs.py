@@ -9,16 +9,7 @@ from api.deps import get_queue
 from api.main import app
 from shared.jobs import Artifact, JobError, JobState
 from shared.settings import get_settings
-
-
-class RecordingQueue:
-    def __init__(self, fail=False):
-        self.sent, self.fail = [], fail
-
-    def enqueue(self, job_id):
-        if self.fail:
-            raise ConnectionError("broker down")
-        self.sent.append(job_id)
+from recording_queue import RecordingQueue  # tests/ is on sys.path (pytest's rootdir-based import)
 
 
 @pytest.fixture

@@ -6,17 +6,13 @@ from api.deps import get_queue
 from api.main import app
 from shared.jobs import Artifact, JobState
 from shared.settings import get_settings
-
-
-class Queue:
-    def enqueue(self, job_id):
-        pass
+from recording_queue import RecordingQueue  # tests/ is on sys.path (pytest's rootdir-based import)
 
 
 @pytest.fixture
 def client(settings, storage, keys):
     app.dependency_overrides[get_settings] = lambda: settings
-    app.dependency_overrides[get_queue] = lambda: Queue()
+    app.dependency_overrides[get_queue] = lambda: RecordingQueue()
     with TestClient(app, raise_server_exceptions=False, headers=keys.headers("alice")) as c:
         yield c
     app.dependency_overrides.clear()

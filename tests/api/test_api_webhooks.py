@@ -8,16 +8,9 @@ from api.deps import get_queue
 from api.main import app
 from shared.settings import get_settings
 from shared.webhook_signing import owner_secret
+from recording_queue import RecordingQueue  # tests/ is on sys.path (pytest's rootdir-based import)
 
 SIGNING_KEY = "test-signing-key-0123456789abcdef"
-
-
-class RecordingQueue:
-    def __init__(self):
-        self.sent = []
-
-    def enqueue(self, job_id):
-        self.sent.append(job_id)
 
 
 @pytest.fixture

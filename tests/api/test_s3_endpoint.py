@@ -17,6 +17,7 @@ from shared.credentials import new_key, unseal
 from shared.fetch import FetchError
 from shared.jobs import JobStore, redis_client
 from shared.s3_endpoint import check_endpoint
+from recording_queue import RecordingQueue  # tests/ is on sys.path (pytest's rootdir-based import)
 
 SOURCE = "s3://users-bucket/model/"
 KEYS = {"s3_access_key": "user-key", "s3_secret_key": "user-secret"}
@@ -52,19 +53,11 @@ def test_what_the_pattern_leaves_out(url):
     assert not re.fullmatch(S3_ENDPOINT_PATTERN, url)
 
 
-class Queue:
-    def __init__(self):
-        self.sent = []
-
-    def enqueue(self, job_id):
-        self.sent.append(job_id)
-
-
 @pytest.fixture
 def client(make_settings, keys):
     settings = make_settings(credentials_key=new_key(), rate_limit_jobs=0, fetch_allow_hosts=[])
     app.dependency_overrides[get_settings] = lambda: settings
-    app.dependency_overrides[get_queue] = lambda: Queue()
+    app.dependency_overrides[get_queue] = lambda: RecordingQueue()
     try:
         yield TestClient(app, headers=keys.headers("alice")), settings
     finally:

@@ -8,6 +8,7 @@ from api.deps import get_queue, get_settings
 from api.main import app
 from shared.credentials import SourceCredentials, new_key, seal, unseal
 from shared.jobs import JobState, JobStore, redis_client
+from recording_queue import RecordingQueue  # tests/ is on sys.path (pytest's rootdir-based import)
 
 TOKEN = "hf_secret_token_for_tests_0123456789"
 
@@ -27,18 +28,10 @@ def test_seal_round_trip_and_key_mismatch():
         raise AssertionError("a wrong key opened the credentials")
 
 
-class Queue:
-    def __init__(self):
-        self.sent = []
-
-    def enqueue(self, job_id):
-        self.sent.append(job_id)
-
-
 def test_credentials_are_sealed_never_shown_and_dropped(make_settings, keys, caplog):
     settings = make_settings(credentials_key=new_key(), rate_limit_jobs=0)
     app.dependency_overrides[get_settings] = lambda: settings
-    app.dependency_overrides[get_queue] = lambda: Queue()
+    app.dependency_overrides[get_queue] = lambda: RecordingQueue()
     try:
         client = TestClient(app, headers=keys.headers("alice"))
         body = {"source_url": "hf://org/gated", "source_credentials": {"hub_token": TOKEN}}
