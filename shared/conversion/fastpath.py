@@ -35,6 +35,12 @@ with a null slot, z_i without): where n e^{Z - omega - min F - 60} exceeds e^-25
 e^35 times the self weight: a broken Omega), the columns concerned are recomputed exactly
 in float64 log-space (`_exact_causal`). Calibrated layers never take either fallback.
 
+Negligible leakage. Where 2 n e^{Z - omega} <= e^NEGLIGIBLE_LEAK for every head and column (the
+converter's Omega puts calibrated inputs there), the other keys cannot move a denominator (>= 1)
+by half an ulp: the group is sum_m g_m sigma(z_i) v_i (no null slot: v_i) and product pairs are
+(2/eps) u tanh(eps s / 2), a few in-place passes per head (`_self_only_group`, `_pair_self_only`).
+Causal caches (generation) keep the running sums and take the full form.
+
 Product pairs (DESIGN.md §4) use the exact identity for the sum of the two heads
 (z = eps s, V = (2/eps) u, C/S/A/B sums of cosh z_j, sinh z_j, V_j cosh z_j,
 V_j sinh z_j over the other visible keys, n = e^{-omega}):
@@ -63,6 +69,12 @@ import warnings
 import torch
 
 CHUNK = 8  # rows per chunk of the causal prefix sums
+# Other keys whose summed weight is below e^-60 of a softmax denominator (>= 1 here) move it by
+# less than half an ulp in float32 and float64 (2^-24 = e^-16.6, 2^-53 = e^-36.7) and a numerator
+# by less than e^-60 max |v|: where every column's bound shows that, a group is evaluated from
+# each query's self and null slot alone (the same standard as the exponent floor below).
+NEGLIGIBLE_LEAK = -60.0
+SELF_ONLY_BLOCK = 1 << 20  # elements per row block of the self-only evaluation
 BLOCK_ELEMENTS = 1 << 19  # B * T * columns per block of units: ~2 MB fp32 workspaces, reused, cache-resident
 # Product pairs: the cosh/sinh identity loses ~e^{2 max|z|} ulps (sums like C - S = sum e^{-z_j}
 # cancel once |z| is large), so it runs in fp32 up to max |eps s| = 0.5, in fp64 up to 9 (< 1e-8),
@@ -141,6 +153,17 @@ def _column_range(x, keep, masked):
     if not masked:
         return x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
     return x.masked_fill(~keep, -_INF).amax(dim=1, keepdim=True), x.masked_fill(~keep, _INF).amin(dim=1, keepdim=True)
+
+
+def _value_range(x, keep, masked):
+    """Max and min over the real rows of x (B, T, F), all columns together: 0-dim tensors, one pass
+    (cheaper than the per-column ranges, and enough for the leakage bound)."""
+    if masked:
+        x = x[keep.expand_as(x)]
+    if x.numel() == 0:
+        return x.new_tensor(-_INF), x.new_tensor(_INF)
+    low, high = torch.aminmax(x)
+    return high, low
 
 
 def _key_range(kmax, kmin, a, c):
@@ -356,10 +379,54 @@ def _bidirectional_head(k, v, keep, masked, a, c, omega, null_slot, Z, zmin, wor
     return _head_output(z, terms[:, :, 0], v, others[:, :, 0], others[:, :, 1], Z, zmin, omega, null_slot, T, work)
 
 
+def _leak_negligible(kmax, kmin, a, c, omega, null_slot, n_keys):
+    """Whether, for every head and column, the other keys' weights summed stay below
+    e^NEGLIGIBLE_LEAK of the denominator (>= 1): n e^{Z - omega} with a null slot,
+    n e^{Z - omega - min z} without. kmax, kmin: the real inputs' max and min (0-dim: all
+    columns; Z is then an upper bound of each column's max key); a, c: (M, F)."""
+    Z, zmin = _key_range(kmax, kmin, a, c)  # (M, F)
+    lead = Z - omega if null_slot else Z - omega - zmin
+    return float(lead.max()) + math.log(2 * n_keys) <= NEGLIGIBLE_LEAK
+
+
+def _self_only_group(k, v, a, c, g, null_slot):
+    """sum_m g_m w_m v (B, T, F), w_m = sigma(a_m k + c_m) with a null slot, 1 without: the heads'
+    output when no other key carries weight. Row blocks of ~SELF_ONLY_BLOCK elements; per head
+    three in-place passes (key, sigmoid, accumulate) into one reused workspace."""
+    if not null_slot:
+        return v * g.sum(dim=0)
+    B, T, F = k.shape
+    kf, vf = k.view(B * T, F), v.view(B * T, F)
+    out = torch.empty_like(kf)
+    rows = max(1, SELF_ONLY_BLOCK // F)
+    work = kf.new_empty(min(rows, B * T), F)
+    if all(t.shape[1] == 1 or t.stride(1) == 0 for t in (a, c, g)):
+        # one mixture for every unit (what the converter builds): scalar operands, which aten's CPU
+        # kernels run ~4x faster than broadcast vectors; one host transfer for all heads
+        heads = [(am, c[m, 0], gm) for m, (am, gm) in enumerate(torch.stack((a[:, 0], g[:, 0]), 1).tolist())]
+        key = lambda kb, w, m: torch.add(heads[m][1], kb, alpha=heads[m][0], out=w)  # c + a k
+        accumulate = lambda ob, w, m: ob.add_(w, alpha=heads[m][2])
+        first = lambda ob, w, m: torch.mul(w, heads[m][2], out=ob)
+    else:
+        key = lambda kb, w, m: torch.addcmul(c[m], a[m], kb, out=w)
+        accumulate = lambda ob, w, m: ob.addcmul_(w, g[m])
+        first = lambda ob, w, m: torch.mul(w, g[m], out=ob)
+    for r0 in range(0, B * T, rows):
+        kb, ob = kf[r0:r0 + rows], out[r0:r0 + rows]  # (rows, F) views
+        w = work[:kb.shape[0]]
+        for m in range(a.shape[0]):
+            key(kb, w, m).sigmoid_()
+            (first if m == 0 else accumulate)(ob, w, m)
+        ob.mul_(vf[r0:r0 + rows])
+    return out.view(B, T, F)
+
+
 def _group(k, v, key_padding_mask, a, c, g, omega, null_slot, causal, state=None):
     """sum_m g_m * head_m (B, T, F), block of columns by block of columns."""
     B, T, F = k.shape
     keep, masked = _keep(key_padding_mask, B, T, k.device)
+    if state is None and _leak_negligible(*_value_range(k, keep, masked), a, c, omega, null_slot, T):
+        return _self_only_group(k, v, a, c, g, null_slot)
     kmax, kmin = _column_range(k, keep, masked)  # (B, 1, F): shared by the M heads
     n_past = 0 if state is None else state.n
     out = torch.empty_like(k)
@@ -533,6 +600,14 @@ def _pairs(s, u, eps, omega, key_padding_mask, causal, past64, zmax_past=0.0):
     return out, total, zmax
 
 
+def _pair_self_only(s, u, eps):
+    """The pair's output without leakage, (2/eps) u tanh(eps s / 2) (B, T, F): sigma(z) - sigma(-z)
+    = tanh(z / 2), with no cancellation at any eps."""
+    dtype = _work_dtype(s.dtype)
+    eps = eps.to(device=s.device, dtype=dtype)
+    return torch.mul(s.to(dtype), eps / 2).tanh_().mul_(u.to(dtype)).mul_(2.0 / eps)
+
+
 def _pair_token(s, u, real, eps, omega, sums, zmax_past):
     """One new token (B, 1, F) from the running sums (B, 1, 4, F), float64; real: (B, 1, 1)."""
     s, u, eps = s.double(), u.double(), eps.to(device=s.device, dtype=torch.float64)
@@ -548,7 +623,11 @@ def fast_product_pairs(s, u, eps, omega, *, causal, key_padding_mask=None):
     """Same as heads.dense_product_pairs in O(T): s, u (B, T, F); eps (F,) -> (B, T, F)."""
     omega = float(omega)
     _check_pair_args(s, u, eps, omega)
-    B, _, F = s.shape
+    B, T, F = s.shape
+    keep, masked = _keep(key_padding_mask, B, T, s.device)
+    zmax = _pair_range(s, eps.to(device=s.device, dtype=s.dtype), keep, masked, 0.0)
+    if zmax - omega + math.log(2 * T) <= NEGLIGIBLE_LEAK:  # other keys: < e^-60 of each denominator (>= 1)
+        return _pair_self_only(s, u, eps).to(s.dtype)
     past64 = torch.zeros(B, 1, 4, F, dtype=torch.float64, device=s.device)
     out, _, _ = _pairs(s, u, eps, omega, key_padding_mask, causal, past64)
     return out.to(s.dtype)

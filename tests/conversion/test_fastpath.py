@@ -338,3 +338,75 @@ def test_dense_reference_is_the_attention_described():
     t = lambda x: torch.tensor([[x]], dtype=torch.float64)
     out = dense_head_group(k, v, t(a), t(c), t(g), omega, causal=True)
     assert torch.allclose(out.flatten(), torch.stack([expected0, expected1]), rtol=1e-14, atol=0)
+
+
+def _threshold_omega(keys, a, c, mask, offset):
+    """Omega at which the leakage bound 2 n e^{Z - omega} is e^-offset times e^NEGLIGIBLE_LEAK.
+    Z bounds every column's largest real key from the real inputs' max and min."""
+    real = keys[mask]  # (N, F)
+    Z = float(torch.maximum(a * real.max(), a * real.min()).add(c).max())
+    return Z + math.log(2 * keys.shape[1]) - fastpath.NEGLIGIBLE_LEAK + offset
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("T", [1, 64, 300])
+def test_self_only_evaluation_is_taken_only_where_leakage_is_negligible(monkeypatch, causal, T):
+    """Omega a little past the bound: the group is evaluated from self and null slots alone and agrees
+    with the full O(n) evaluation (leakage included) to float64 rounding; Omega a little short of it:
+    the full evaluation runs."""
+    gen = torch.Generator().manual_seed(T + 3)
+    B, F = 2, 12
+    keys, values, a, c, g, _, null_slot = group_case("gelu_mixture", B, T, F, gen)
+    keys, values, a, c, g = (t.double() for t in (keys, values, a, c, g))
+    calls = []
+    real = fastpath._self_only_group
+    monkeypatch.setattr(fastpath, "_self_only_group", lambda *args: calls.append(1) or real(*args))
+    mask = padding(B, T, causal, gen)
+    run = lambda omega: fastpath.fast_head_group(keys, values, a, c, g, omega, causal=causal, key_padding_mask=mask)
+
+    short = run(_threshold_omega(keys, a, c, mask, -1.0))
+    assert calls == []
+    past = run(omega := _threshold_omega(keys, a, c, mask, +1.0))
+    assert calls, "a negligible leakage must take the self-only evaluation"
+    monkeypatch.setattr(fastpath, "NEGLIGIBLE_LEAK", -math.inf)  # force the full evaluation
+    full = run(omega)
+    assert rel_err(past, full, mask) <= 1e-15
+    assert rel_err(past, no_leak(keys, values, a, c, g, null_slot), mask) <= 1e-15
+    assert torch.isfinite(short).all()
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_product_pairs_self_only_agrees_with_the_full_evaluation(monkeypatch, causal):
+    gen = torch.Generator().manual_seed(11)
+    B, T, F = 2, 200, 12
+    s = torch.randn(B, T, F, generator=gen, dtype=torch.float64) * 3
+    u = torch.randn(B, T, F, generator=gen, dtype=torch.float64)
+    eps = torch.full((F,), 1e-4, dtype=torch.float64)
+    omega = float(eps.max() * s.abs().amax()) + math.log(2 * T) - fastpath.NEGLIGIBLE_LEAK + 1.0
+    mask = padding(B, T, causal, gen)
+    calls = []
+    real = fastpath._pair_self_only
+    monkeypatch.setattr(fastpath, "_pair_self_only", lambda *args: calls.append(1) or real(*args))
+    past = fastpath.fast_product_pairs(s, u, eps, omega, causal=causal, key_padding_mask=mask)
+    assert calls
+    monkeypatch.setattr(fastpath, "NEGLIGIBLE_LEAK", -math.inf)
+    full = fastpath.fast_product_pairs(s, u, eps, omega, causal=causal, key_padding_mask=mask)
+    assert len(calls) == 1
+    assert rel_err(past, full, mask) <= 1e-13  # the full form's cosh/sinh identity: ~e^{2 max|eps s|} ulps
+    assert rel_err(past, s * u, mask) <= 1e-6  # and the pair is the product up to (eps s)^2 / 12
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_self_only_one_mixture_for_every_unit(causal):
+    """The converter's heads share one mixture across units ((M, 1) expanded to (M, F)): the
+    self-only evaluation takes scalar operands then, and agrees with per-unit operands."""
+    gen = torch.Generator().manual_seed(21)
+    B, T, F, M = 2, 50, 24, 5
+    u = torch.randn(B, T, F, generator=gen) * 3
+    a, c, g = (torch.randn(M, 1, generator=gen).expand(M, F) for _ in range(3))
+    mask = padding(B, T, causal, gen)
+    shared = fastpath.fast_head_group(u, u, a, c, g, 1e3, causal=causal, key_padding_mask=mask)
+    per_unit = fastpath.fast_head_group(u, u, a.contiguous(), c.contiguous(), g.contiguous(), 1e3,
+                                        causal=causal, key_padding_mask=mask)
+    assert rel_err(shared, per_unit.double(), mask) <= 1e-6
+    assert rel_err(shared, no_leak(u, u, a, c, g, True), mask) <= 1e-6
