@@ -14,6 +14,9 @@ greedy      transformers' generate() on both; a step where the two part is a tie
 The measured logit error is the largest over the positions where both models agree on the
 top token: measured away from the parting itself (where the error must reach half the
 reference's margin for the models to part at all).
+
+Both models compute on the conversion's device (run(..., device)); what crosses from one pass to
+the other (the reference's hidden states and its output) is on the CPU, and so are the metrics.
 """
 import contextvars
 import io
@@ -23,17 +26,19 @@ import time
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import send_to_device
 
 from .patterns import relative_error
 
 
-def model_inputs(batch, encoder_decoder: bool) -> dict:
+def model_inputs(batch, encoder_decoder: bool, device: torch.device | None = None) -> dict:
+    """The batch as keyword arguments of the model's forward, on `device` (None: where the batch is)."""
     inputs = {"input_ids": batch.input_ids}
     if batch.attention_mask is not None:
         inputs["attention_mask"] = batch.attention_mask
     if encoder_decoder:
         inputs["decoder_input_ids"] = batch.input_ids
-    return inputs
+    return inputs if device is None else {k: v.to(device) for k, v in inputs.items()}
 
 
 def hidden_states(out) -> list[torch.Tensor]:
@@ -51,17 +56,18 @@ def final_output(out) -> tuple[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def run(model, batch, encoder_decoder: bool, keep_states: bool = True, on_state=None):
-    """The model's forward on batch. on_state(index, state) gets every hidden state, indexed as in
-    hidden_states(output); unless keep_states, they are handed over as the model makes them and
+def run(model, batch, encoder_decoder: bool, keep_states: bool = True, on_state=None, device=None):
+    """The model's forward on batch, computed on `device` (None: where the batch is); the output
+    comes back on the CPU. on_state(index, state) gets every hidden state (on `device`), indexed as
+    in hidden_states(output); unless keep_states, they are handed over as the model makes them and
     the output keeps an empty tensor in their place (models that collect them without
     transformers' output capturing hand them over from the output, after the pass)."""
-    inputs = model_inputs(batch, encoder_decoder)
+    inputs = model_inputs(batch, encoder_decoder, device)
     if on_state is None or keep_states:
         out = model(**inputs, output_hidden_states=keep_states, use_cache=False)
         for index, state in enumerate(hidden_states(out) if on_state else []):
             on_state(index, state)
-        return out
+        return _on_cpu(out)
     stream = _Stream(on_state)
     token = _STREAM.set(stream if _capture_passes_states() else None)
     try:
@@ -71,6 +77,13 @@ def run(model, batch, encoder_decoder: bool, keep_states: bool = True, on_state=
     for state in hidden_states(out):
         if state is not None and state is not PASSED_ON:
             stream(stream.next, state)
+    return _on_cpu(out)
+
+
+def _on_cpu(out):
+    """The model's output with its tensors on the CPU, in place (it keeps its class)."""
+    for key, value in out.items():
+        out[key] = send_to_device(value, "cpu")
     return out
 
 
@@ -146,7 +159,7 @@ class StoredStates:
         self.file, self.where = tempfile.TemporaryFile(prefix="attnonly-states-"), {}
 
     def __call__(self, index: int, state: torch.Tensor) -> None:
-        rows = _real(state, self.keep).detach().contiguous()
+        rows = _real(state.detach().cpu(), self.keep).contiguous()
         offset = self.file.seek(0, io.SEEK_END)
         self.file.write(rows.view(-1).view(torch.uint8).numpy().tobytes())
         self.where.setdefault(index, []).append((offset, rows.dtype, tuple(rows.shape)))
@@ -179,7 +192,7 @@ class Residuals:
         streamed pass can have another width, OPT's projection, and is then skipped.)"""
         if not self.reference.occurrences(index):
             return
-        ours = _real(state, self.reference.keep)
+        ours = _real(state.detach().cpu(), self.reference.keep)  # against the stored state, on the CPU
         if tuple(ours.shape) == self.reference.where[index][-1][2]:
             self.errors[index] = relative_error(ours, self.reference.get(index))
 
@@ -235,7 +248,8 @@ def tie_scale(errors: torch.Tensor, agree: torch.Tensor) -> float:
 
 @torch.no_grad()
 def greedy(converted, reference, prompt: torch.Tensor, new_tokens: int, encoder_decoder: bool) -> dict:
-    """Greedy continuations of `prompt` (1, P) from transformers' generate() on both models."""
+    """Greedy continuations of `prompt` (1, P) from transformers' generate() on both models, which
+    compute on the prompt's device (the conversion's: every tensor here follows the prompt)."""
     started = time.perf_counter()
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
                   pad_token_id=0, attention_mask=torch.ones_like(prompt))

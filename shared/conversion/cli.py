@@ -173,7 +173,8 @@ def run_library(args) -> int:
             options = ConversionOptions(tolerance=args.tolerance, dtype=args.dtype, calibration=args.calibration,
                                         calibration_tokens=args.calibration_tokens,
                                         seq_len=args.seq_len, greedy_tokens=args.greedy_tokens, allow_pickle=args.allow_pickle,
-                                        construction=args.construction, explicit_max_params=args.explicit_max_params)
+                                        construction=args.construction, explicit_max_params=args.explicit_max_params,
+                                        device=args.device)
             report = convert(args.source, args.out, options, progress=bars)
             bars.close()
             print(summary_table(report))
@@ -494,6 +495,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=64, help="calibration and check sequence length")
     p.add_argument("--greedy-tokens", type=int, default=32, help="length of the greedy continuation compared")
     p.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (torch.load weights_only=True)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where the forward passes compute: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--construction", choices=("compact", "explicit"), default="compact",
                    help="explicit: literal Q/K/V/O heads over a widened residual, for small models (docs/DESIGN.md §8)")
     p.add_argument("--explicit-max-params", type=int, default=50_000_000, metavar="N",

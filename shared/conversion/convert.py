@@ -2,7 +2,9 @@
 
 URL-free and service-free: config -> recognise FFNs -> calibrate (verify, plan, re-size) ->
 write (streamed) -> check -> report. Every pass over a model loads its weights module by module
-(host.offload), so memory stays bounded by the largest module plus activations.
+(host.offload), so memory stays bounded by the largest module plus activations. Every forward pass
+computes on the options' device (resolved once, before any work: device.resolve); plans, head
+tensors and what the checks compare across passes are on the CPU.
 The output appears atomically: everything is written to a hidden sibling directory that is
 renamed into place at the end, and removed on any error or cancellation.
 """
@@ -17,6 +19,7 @@ import torch
 from . import allocator, checks, explicit_build, explicit_convert, host, model_card
 from .calibrate import Calibrator, LocalCheck, hook_site
 from .checkpoint import SourceCheckpoint, storage_dtype
+from .device import resolve as resolve_device
 from .errors import ConversionCancelled, InvalidOptionsError, SourceMismatchError, UnsupportedArchitectureError
 from .format import (CONFIG_FILE, DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, REMOTE_CODE_FILE, REPORT_FILE, SECTION,
                      TOKENIZER_FILES, TORCH_DTYPES, ShardedWriter, read_config, remote_code)
@@ -37,6 +40,7 @@ DEFAULT_CONTEXT = 2048  # keys a head may see, for Omega, when the config names 
 
 def convert(source_dir, out_dir, options: ConversionOptions | None = None, *, progress=None, should_cancel=None) -> Report:
     options = options or ConversionOptions()
+    device = resolve_device(options.device)
     allocator.return_freed_memory()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -44,7 +48,7 @@ def convert(source_dir, out_dir, options: ConversionOptions | None = None, *, pr
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        report = _convert_into(Path(source_dir), staging, options, progress or (lambda *a: None),
+        report = _convert_into(Path(source_dir), staging, options, device, progress or (lambda *a: None),
                                should_cancel or (lambda: False))
         if out_dir.exists():
             out_dir.rmdir()
@@ -58,8 +62,8 @@ def convert(source_dir, out_dir, options: ConversionOptions | None = None, *, pr
 class Source:
     """The source checkpoint seen through its transformers class: FFN sites, weights, tokenizer."""
 
-    def __init__(self, directory: Path, options: ConversionOptions):
-        self.directory = directory
+    def __init__(self, directory: Path, options: ConversionOptions, device: torch.device):
+        self.directory, self.device = directory, device  # device: where every pass computes
         self.checkpoint = SourceCheckpoint(directory, allow_pickle=options.allow_pickle)
         self.config = host.load_config(directory)
         self.cls = host.model_class(self.config)
@@ -81,11 +85,12 @@ class Source:
         self.max_positions = int(next((n for n in limits if isinstance(n, int) and n > 0), DEFAULT_CONTEXT))
 
     def reference(self):
-        """transformers' own model, its weights loaded module by module as it runs."""
-        return host.offload(host.build_empty(self.cls, self.config, self.dtype), self.weights)
+        """transformers' own model, its weights loaded module by module onto the device as it runs."""
+        return host.offload(host.build_empty(self.cls, self.config, self.dtype), self.weights, self.device)
 
 
-def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, progress, should_cancel) -> Report:
+def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, device: torch.device, progress,
+                  should_cancel) -> Report:
     started, timings = time.perf_counter(), {}
 
     def cancel_point():
@@ -93,7 +98,7 @@ def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, progr
             raise ConversionCancelled("the conversion was cancelled")
 
     progress("loading", 0, 1)
-    source = Source(source_dir, options)
+    source = Source(source_dir, options, device)
     progress("loading", 1, 1)
     if options.construction == "explicit":  # the size guard, before any calibration
         explicit_build.guard(source.probe, source.sites, source.max_positions, options.explicit_max_params)
@@ -102,9 +107,10 @@ def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, progr
     batch = calibration_batch(options, source.tokenizer, source.vocab_size, source.max_positions)
     done = []
     calibrator = Calibrator(source.probe, source.weights, options.tolerance, source.max_positions, source.dtype,
+                            source.device,
                             progress=lambda site: _tick(done, "calibrating", len(source.sites), progress, cancel_point))
     reference = source.reference()
-    _pass(reference, source.sites, calibrator, batch, source.encoder_decoder)
+    _pass(reference, source.sites, calibrator, batch, source.encoder_decoder, source.device)
     missing = [s.path for s in source.sites if s.path not in calibrator.results]
     if missing:
         raise UnsupportedArchitectureError(f"FFN sites never ran in a forward pass: {missing[:5]}")
@@ -131,7 +137,7 @@ def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, progr
     _write(out, source, config, head_tensors, options, progress, cancel_point)
     timings["write_s"] = time.perf_counter() - t
 
-    report = Report(config=config, options=options.to_dict())
+    report = Report(config=config, options={**options.to_dict(), "device": str(device)})  # where it ran
     if options.checks:
         t = time.perf_counter()
         _run_checks(report, source, reference, calibrator.results, out, options, progress, cancel_point)
@@ -163,12 +169,13 @@ def _tick(done: list, stage: str, total: int, progress, cancel_point):
 
 
 @torch.no_grad()
-def _pass(model, sites, on_inputs, batch, encoder_decoder, on_state=None):
-    """One forward pass of `model` on `batch` with on_inputs hooked to every site, its hidden states
-    handed to on_state (checks.run); returns the output."""
+def _pass(model, sites, on_inputs, batch, encoder_decoder, device, on_state=None):
+    """One forward pass of `model` on `batch`, on `device`, with on_inputs hooked to every site (its
+    inputs are on `device`), its hidden states handed to on_state (checks.run); returns the output
+    (on the CPU)."""
     handles = [hook_site(model, site, on_inputs) for site in sites]
     try:
-        return checks.run(model, batch, encoder_decoder, keep_states=False, on_state=on_state)
+        return checks.run(model, batch, encoder_decoder, keep_states=False, on_state=on_state, device=device)
     finally:
         for handle in handles:
             handle.remove()
@@ -223,17 +230,17 @@ def _run_checks(report, source: Source, reference, results, out, options, progre
     batch = check_batch(options, source.tokenizer, source.vocab_size, source.max_positions, kind)
     report.check_inputs = batch.describe()
     done = []
-    local = LocalCheck(source.probe, source.weights, results, source.dtype,
+    local = LocalCheck(source.probe, source.weights, results, source.dtype, source.device,
                        progress=lambda site: _tick(done, "checking", len(source.sites), progress, cancel_point))
     explicit = None
     if options.construction == "explicit":  # the explicit heads' own local check, in the same pass
         explicit = explicit_convert.LocalCheck(source.probe, source.weights, {p: r.plan for p, r in results.items()},
-                                               out, source.dtype)
+                                               out, source.dtype, source.device)
     handles = explicit.hooks(reference, source.sites) if explicit else []
     # the reference's hidden states go to a temporary file, not memory (flat in depth)
     stored = checks.StoredStates(batch.attention_mask) if "propagated" in options.checks else None
     try:
-        ref_out = _pass(reference, source.sites, local, batch, source.encoder_decoder, on_state=stored)
+        ref_out = _pass(reference, source.sites, local, batch, source.encoder_decoder, source.device, on_state=stored)
     finally:
         for handle in handles:
             handle.remove()
@@ -241,34 +248,35 @@ def _run_checks(report, source: Source, reference, results, out, options, progre
         report.local = [{"site": s.path, "layer": s.layer, "kind": s.pattern.kind,
                          "ffn_rel": (explicit or local).errors[s.path], "calibration_rel": results[s.path].calibration_rel,
                          **({"compact_rel": local.errors[s.path]} if explicit else {})} for s in source.sites]
-    converted = load_converted(out, dtype=options.dtype, layerwise=True)
+    converted = load_converted(out, device=source.device, dtype=options.dtype, layerwise=True)
     if "propagated" in options.checks:
         cancel_point()
         residuals = checks.Residuals(stored)
         with torch.no_grad():  # the explicit form compares its hidden states with the compact form's: kept
             ours_out = checks.run(converted, batch, source.encoder_decoder, keep_states=explicit is not None,
-                                  on_state=residuals)
+                                  on_state=residuals, device=source.device)
         stored.close()
         report.propagated = checks.propagated(ours_out, ref_out, batch.attention_mask, residuals.table())
         if explicit:
             report.propagated["explicit_vs_compact"] = explicit_convert.versus_compact(
-                ours_out, out, batch, options, source.encoder_decoder)
+                ours_out, out, batch, options, source.encoder_decoder, source.device)
     has_lm_head = getattr(ref_out, "logits", None) is not None
     if "greedy" in options.checks and has_lm_head and options.greedy_tokens and hasattr(converted, "generate"):
         cancel_point()
         prompt_len = min(8, source.max_positions - options.greedy_tokens)
         if prompt_len >= 1:
-            report.greedy = checks.greedy(converted, reference, batch.input_ids[:1, :prompt_len], options.greedy_tokens,
-                                          source.encoder_decoder)
+            prompt = batch.input_ids[:1, :prompt_len].to(source.device)  # generate() computes where its input is
+            report.greedy = checks.greedy(converted, reference, prompt, options.greedy_tokens, source.encoder_decoder)
 
 
 def check(out_dir, source_dir, options: ConversionOptions | None = None, progress=None) -> Report:
     """Re-run the equivalence checks of a converted directory against its source."""
+    device = resolve_device(options.device if options else None)  # before any work (the default options name none)
     config = read_config(out_dir)
     section = config[SECTION]
     options = options or ConversionOptions(dtype=section["compute_dtype"], tolerance=section["tolerance"],
                                            construction=section.get("construction", "compact"))
-    source = Source(Path(source_dir), options)
+    source = Source(Path(source_dir), options, device)
     if source.checkpoint.weights_sha256() != section["source"]["weights_sha256"]:
         raise SourceMismatchError(f"{source_dir} is not the checkpoint {out_dir} was converted from (weights hash differs)")
     from .calibrate import SiteResult
@@ -277,7 +285,7 @@ def check(out_dir, source_dir, options: ConversionOptions | None = None, progres
     results = {}
     for site, plan in zip(source.sites, section["sites"]):
         results[site.path] = SiteResult(site, plan, site_tensors(out_dir, site), plan.get("calibration_rel", 0.0))
-    report = Report(config=config, options=options.to_dict())
+    report = Report(config=config, options={**options.to_dict(), "device": str(device)})
     _run_checks(report, source, source.reference(), results, Path(out_dir), options,
                 progress or (lambda *a: None), lambda: None)
     report.finish(options.tolerance, LOGITS_REL_FACTOR, KL_LIMIT[options.dtype])

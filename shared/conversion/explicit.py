@@ -169,7 +169,7 @@ class ExplicitLayer(nn.Module):
         scores = X[0] @ self.q[head] @ (X[0] @ self.k[head]).T
         if self.causal:
             T = scores.shape[0]
-            scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+            scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=scores.device).tril(), float("-inf"))
         return scores.softmax(-1)
 
 
@@ -199,7 +199,8 @@ class ExplicitFFN(nn.Module):
                              f"this call reaches token {start + rows - 1}")
         X = x.new_zeros(B, rows, L.width)
         X[:, rows - T:, :D] = x
-        X[:, torch.arange(rows), L.pos0 + start + torch.arange(rows)] = 1.0
+        index = torch.arange(rows, device=x.device)
+        X[:, index, L.pos0 + start + index] = 1.0
         X[:, :, L.const] = 1.0
         return X
 

@@ -1,6 +1,7 @@
 """What convert() does for construction "explicit" (docs/DESIGN.md §8), apart from the compact
 form it also writes: the explicit matrices of every site, the local check of the explicit heads
 against the source module, and the explicit model against the compact one, layer by layer.
+The matrices are built and stored on the CPU; the checks compute on the conversion's device.
 """
 import torch
 import torch.nn as nn
@@ -22,7 +23,7 @@ def build(source, results, options) -> tuple[dict, dict]:
     for result in results:
         site = result.site
         layout, has_bias = explicit_build.site_layout(source.probe, site, source.max_positions)
-        module = SiteWork(site, source.probe, source.weights)._module(None, torch.float64)
+        module = SiteWork(site, source.probe, source.weights, torch.device("cpu"))._module(None, torch.float64)
         entry, layers = explicit_build.build_site(site, result.plan, result.tensors, module, layout, has_bias,
                                                   source.dtype)
         result.plan["explicit"] = entry
@@ -31,14 +32,14 @@ def build(source, results, options) -> tuple[dict, dict]:
     return tensors, {"tokens": source.max_positions, "params": total, "max_params": options.explicit_max_params}
 
 
-def load_site(out_dir, site: Site, plan: dict, dtype: torch.dtype) -> ExplicitFFN:
-    """A site's ExplicitFFN with its stored matrices (no decoding context)."""
+def load_site(out_dir, site: Site, plan: dict, dtype: torch.dtype, device="cpu") -> ExplicitFFN:
+    """A site's ExplicitFFN with its stored matrices on `device` (no decoding context)."""
     entry = plan["explicit"]
     module = ExplicitFFN(explicit_build.layout_of(entry), entry["heads"], site.causal, None)
     checkpoint = SourceCheckpoint(out_dir)
     for names, layer in zip(explicit_build.tensor_names(site, len(entry["heads"])), module.layers):
         for name, attribute in zip(names, "qkvo"):
-            getattr(layer, attribute).data = checkpoint.tensor(name).to(dtype)
+            getattr(layer, attribute).data = checkpoint.tensor(name).to(device=device, dtype=dtype)
     return module.eval()
 
 
@@ -54,32 +55,34 @@ def hook_input(model: nn.Module, site: Site, on_input) -> torch.utils.hooks.Remo
 class LocalCheck:
     """Each site's explicit heads against the source module in float64, on the FFN's inputs."""
 
-    def __init__(self, probe, weights, plans: dict, out_dir, dtype: torch.dtype):
+    def __init__(self, probe, weights, plans: dict, out_dir, dtype: torch.dtype, device: torch.device):
         self.probe, self.weights, self.plans, self.out_dir, self.dtype = probe, weights, plans, out_dir, dtype
+        self.device = device  # where the pass's inputs are, and the heads are evaluated
         self.errors: dict[str, float] = {}
 
     @torch.no_grad()
     def __call__(self, site: Site, x: torch.Tensor) -> None:
-        work = SiteWork(site, self.probe, self.weights)
+        work = SiteWork(site, self.probe, self.weights, self.device)
         if isinstance(site.pattern, Plain):
             u = work._module(site.pattern.up, torch.float64)(x.double())
             reference = work.reference((u,))
         else:
             reference = work.reference((x,))
-        ours = load_site(self.out_dir, site, self.plans[site.path], self.dtype)(x.to(self.dtype))
+        ours = load_site(self.out_dir, site, self.plans[site.path], self.dtype, self.device)(x.to(self.dtype))
         self.errors[site.path] = max(relative_error(ours, reference), self.errors.get(site.path, 0.0))
 
     def hooks(self, model: nn.Module, sites: list[Site]) -> list:
         return [hook_input(model, site, self) for site in sites]
 
 
-def versus_compact(explicit_out, out_dir, batch, options, encoder_decoder: bool) -> list[dict]:
-    """The explicit model's hidden states against the compact form's (the same directory loaded
-    compact), per layer: max |difference| and max relative difference."""
+def versus_compact(explicit_out, out_dir, batch, options, encoder_decoder: bool, device: torch.device) -> list[dict]:
+    """The explicit model's hidden states (on the CPU, from checks.run) against the compact form's
+    (the same directory loaded compact, run on `device`), per layer: max |difference| and max
+    relative difference."""
     from .runtime import load_converted
 
-    compact = load_converted(out_dir, dtype=options.dtype, layerwise=True, construction="compact")
-    compact_out = checks.run(compact, batch, encoder_decoder)
+    compact = load_converted(out_dir, device=device, dtype=options.dtype, layerwise=True, construction="compact")
+    compact_out = checks.run(compact, batch, encoder_decoder, device=device)
     keep = None if batch.attention_mask is None else batch.attention_mask.bool()
     rows = []
     pairs = list(zip(checks.hidden_states(explicit_out), checks.hidden_states(compact_out)))

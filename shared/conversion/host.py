@@ -4,7 +4,7 @@ for attention-head modules, and its weights loaded all at once or module by modu
     build_empty(config, dtype)        the class on the meta device (no memory for weights)
     swap_in(model, plans, context)    every planned FFN replaced by head modules (modules.py)
     materialize(model, weights)       load every tensor now (small models, users' default)
-    offload(model, weights)           accelerate's hooks load each module's tensors as it runs
+    offload(model, weights, device)   accelerate's hooks load each module's tensors onto device as it runs
 """
 import copy
 import functools
@@ -165,18 +165,20 @@ def materialize(model: nn.Module, weights, skip_missing_buffers: bool = True) ->
     return model
 
 
-def offload(model: nn.Module, weights) -> nn.Module:
-    """accelerate's CPU offload: each module's tensors are read from `weights` (and cast to the
-    model's dtype) just before it runs and dropped after, so a forward pass holds one module."""
+def offload(model: nn.Module, weights, device: torch.device) -> nn.Module:
+    """accelerate's CPU offload: each module's tensors are read from `weights` (CPU memory, cast to
+    the model's dtype), moved to `device` just before the module runs and dropped after, so a
+    forward pass holds one module there; every module computes on `device` (buffers are moved
+    there once). The model's outputs come back on the device its inputs came from."""
     missing = [n for n in model.state_dict().keys() if n not in weights]
     assert not missing, f"weights lack {missing[:5]}"
-    model = cpu_offload(model, execution_device=torch.device("cpu"), state_dict=weights,
+    model = cpu_offload(model, execution_device=device, state_dict=weights,
                         preload_module_classes=_preloaded_classes(model))
     for path in read_outside_their_call(model):
         child = model.get_submodule(path)
         remove_hook_from_module(child)
         for name, _ in list(child.named_parameters(recurse=False)):
-            set_module_tensor_to_device(model, f"{path}.{name}", "cpu", value=weights[f"{path}.{name}"])
+            set_module_tensor_to_device(model, f"{path}.{name}", device, value=weights[f"{path}.{name}"])
     return model
 
 

@@ -2,6 +2,7 @@
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Optional
 
+from .device import DEVICE_NAME
 from .errors import InvalidOptionsError
 
 CHECK_KINDS = ("local", "propagated", "greedy")
@@ -24,7 +25,7 @@ class ConversionOptions:
     explicit_max_params: int = 50_000_000  # the explicit form's size guard (parameters of its head matrices)
     checks: list[str] = field(default_factory=lambda: list(CHECK_KINDS))
     greedy_tokens: int = 32
-    device: Optional[str] = None  # None: cuda when available, else cpu
+    device: Optional[str] = None  # cpu, cuda or cuda:N; None: cuda when available, else cpu (device.resolve)
     allow_pickle: bool = False  # pytorch_model.bin through torch.load(weights_only=True)
     seed: int = 0
 
@@ -52,6 +53,8 @@ class ConversionOptions:
             raise InvalidOptionsError("max_shard_bytes must be positive")
         if self.greedy_tokens < 0:
             raise InvalidOptionsError("greedy_tokens must be >= 0")
+        if self.device is not None and not (isinstance(self.device, str) and DEVICE_NAME.match(self.device)):
+            raise InvalidOptionsError(f"device must be cpu, cuda or cuda:N, not {self.device!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

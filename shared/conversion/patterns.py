@@ -195,8 +195,9 @@ PROBE = torch.linspace(-12.0, 12.0, 4801, dtype=torch.float64)
 
 
 def identify_activation(act: nn.Module, where: str, samples: torch.Tensor | None = None) -> str:
-    """The activation `act` computes, found numerically (float64) among those we can build."""
-    x = PROBE if samples is None else torch.cat((PROBE, samples.detach().double().reshape(-1)))
+    """The activation `act` computes, found numerically (float64) among those we can build; on the
+    samples' device (the pass's) when given."""
+    x = PROBE if samples is None else torch.cat((PROBE.to(samples.device), samples.detach().double().reshape(-1)))
     with torch.no_grad():
         y = act(x.clone())
     for name in ACTIVATIONS:

@@ -3,6 +3,7 @@ modules where its FFNs were. Needs transformers and this package; not the source
 
     model = load_converted("out/")                  # every tensor loaded now
     model = load_converted("out/", layerwise=True)  # each module's tensors loaded as it runs
+    model = load_converted("out/", device="cuda", layerwise=True)  # ... onto the GPU, where it computes
     model.generate(input_ids, max_new_tokens=32)    # transformers' own generate()
 """
 import torch
@@ -19,7 +20,9 @@ from .weights import LazyWeights, map_names
 def load_converted(path, device=None, dtype: str | None = None, layerwise: bool = False, head_impl: str = "fast",
                    construction: str | None = None):
     """The converted model in `dtype` (default: the compute dtype it was converted and checked in), in
-    the construction it was converted with, or "compact" (an explicit directory holds both forms)."""
+    the construction it was converted with, or "compact" (an explicit directory holds both forms),
+    computing on `device` (default: the CPU). layerwise: the weights stay in CPU memory and each
+    module's move to `device` as it runs."""
     config_dict = read_config(path)
     section = config_dict[SECTION]
     config = host.load_config(path)
@@ -48,7 +51,10 @@ def load_converted(path, device=None, dtype: str | None = None, layerwise: bool 
     if names is None:
         raise InvalidConvertedCheckpointError(f"the weights in {path} do not cover {cls.__name__}'s tensors")
     weights = LazyWeights(checkpoint, names)
-    model = host.offload(model, weights) if layerwise else host.materialize(model, weights)
+    if layerwise:
+        model = host.offload(model, weights, torch.device(device or "cpu"))
+    else:
+        model = host.materialize(model, weights)
     for module in model.modules():
         if hasattr(module, "impl"):
             module.impl = head_impl

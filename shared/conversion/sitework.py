@@ -6,7 +6,9 @@
 
 Every site's output is compared at the FFN's output (after its down projection). Inputs are
 what the hooks caught: Plain sites the activation's input u, Gated sites the module's input
-x, Experts sites (x, routing indices, routing weights).
+x, Experts sites (x, routing indices, routing weights). They are on the device the pass runs on,
+and so is every module evaluated here (its weights copied there from CPU memory); the result of
+each evaluation stays there for relative_error.
 """
 import copy
 
@@ -19,24 +21,26 @@ from .modules import GatedHeads, HeadExperts, NeuronHeads, ProductHeads, expert_
 from .patterns import Experts, Gated, Plain, Site
 
 
-def load_submodule(probe: nn.Module, weights, path: str, dtype: torch.dtype) -> nn.Module:
-    """A real copy of probe's module at `path` with its tensors from `weights`, cast to dtype."""
+def load_submodule(probe: nn.Module, weights, path: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A real copy of probe's module at `path` on `device`, its tensors from `weights` cast to dtype."""
     module = copy.deepcopy(probe.get_submodule(path))
     for name, _ in list(module.named_parameters()):
-        set_module_tensor_to_device(module, name, "cpu", value=weights[f"{path}.{name}"], dtype=dtype)
+        set_module_tensor_to_device(module, name, device, value=weights[f"{path}.{name}"], dtype=dtype)
+    for name, _ in list(module.named_buffers()):  # the probe's buffers are real, on the CPU
+        set_module_tensor_to_device(module, name, device)
     return module.eval()
 
 
 class SiteWork:
-    def __init__(self, site: Site, probe: nn.Module, weights):
-        self.site, self.probe, self.weights = site, probe, weights
+    def __init__(self, site: Site, probe: nn.Module, weights, device: torch.device):
+        self.site, self.probe, self.weights, self.device = site, probe, weights, device
         self._loaded: dict = {}  # (relative path, dtype) -> module: each read once per site
 
     def _module(self, relative: str | None, dtype):
         key = (relative, dtype)
         if key not in self._loaded:
             path = self.site.join(relative) if relative else self.site.path
-            self._loaded[key] = load_submodule(self.probe, self.weights, path, dtype)
+            self._loaded[key] = load_submodule(self.probe, self.weights, path, dtype, self.device)
         return self._loaded[key]
 
     @torch.no_grad()
@@ -84,7 +88,7 @@ class SiteWork:
             from .host import plain_heads
 
             heads = plain_heads(self.site, plan, None)
-            _load(heads, tensors, dtype)
+            _load(heads, tensors, dtype, self.device)
             return _PlainSite(heads, self._module(p.down, dtype))
         if isinstance(p, Gated):
             module = self._module(None, dtype)
@@ -92,12 +96,13 @@ class SiteWork:
             gate = NeuronHeads(plan["heads_per_unit"], self.site.units, plan["omega"], self.site.causal, None)
             product = ProductHeads(self.site.units, plan["product_omega"], self.site.causal, None)
             gated = GatedHeads({n: module.get_submodule(n) for n in names}, p.gate, p.up, p.down, p.fused, gate, product)
-            _load(gated, tensors, dtype, only=("gate_heads.", "product."))
+            _load(gated, tensors, dtype, self.device, only=("gate_heads.", "product."))
             return gated
         gate_up = self.weights[self.site.join(p.gate_up)]
         E, F, D = p.shapes(gate_up, self.weights[self.site.join(p.down)])
         experts = HeadExperts(E, F, D, plan["heads_per_unit"], p.transposed)
-        _load(experts, {**tensors, "gate_up_proj": gate_up, "down_proj": self.weights[self.site.join(p.down)]}, dtype)
+        _load(experts, {**tensors, "gate_up_proj": gate_up, "down_proj": self.weights[self.site.join(p.down)]}, dtype,
+              self.device)
         return experts
 
     @torch.no_grad()
@@ -127,7 +132,8 @@ def _double(value):
     return value
 
 
-def _load(module: nn.Module, tensors: dict, dtype, only=None):
+def _load(module: nn.Module, tensors: dict, dtype, device: torch.device, only=None):
+    """The head tensors (planned on the CPU) into module's parameters on `device`."""
     for name, _ in list(module.named_parameters()):
         if only is None or name.startswith(only):
-            set_module_tensor_to_device(module, name, "cpu", value=tensors[name], dtype=dtype)
+            set_module_tensor_to_device(module, name, device, value=tensors[name], dtype=dtype)
