@@ -1,10 +1,16 @@
 """The HTTP API: ``uvicorn api.main:app``. OpenAPI at /docs and /openapi.json."""
 from __future__ import annotations
 
+import os
+from contextlib import asynccontextmanager
+
+from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 
 from api import errors
+from api.deps import get_queue, make_queue
 from api.limits import BodySizeLimit
 from api.openapi_docs import document_errors
 from api.routes import api_router, health, metrics, pages
@@ -25,6 +31,13 @@ visible only to the key (owner) that created it. Job creation is rate limited pe
 """
 
 
+# libuv (under uvloop, uvicorn's loop) then accepts one connection per wakeup instead of
+# every pending one: without it the first of uvicorn's worker processes to wake took a whole
+# burst of new connections (all 50 of bench/load.py's) and the others sat idle. Read when the
+# process first listens, which uvicorn does after importing the app; a value set outside wins.
+os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
+
+
 # At import, in each process uvicorn starts (after uvicorn set up its own loggers).
 logs.configure(get_settings().log_format)
 
@@ -34,7 +47,20 @@ def _operation_id(route: APIRoute) -> str:
     return f"{route.tags[0]}-{route.name}" if route.tags else route.name
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    settings = app.dependency_overrides.get(get_settings, get_settings)()
+    to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+    # The queue's client (Celery's imports and app) made before the first submission, on the
+    # thread pool: made on first use, inside the async dependency, it held every request of the
+    # process for 0.1 s and more (bench/load.py's submissions p99).
+    if get_queue not in app.dependency_overrides:
+        await run_in_threadpool(make_queue, settings)
+    yield
+
+
 app = FastAPI(
+    lifespan=_lifespan,
     title="attnonly conversion service",
     version="1.0.0",
     description=DESCRIPTION,

@@ -14,7 +14,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute, iter_route_contexts
 
 from api.auth import authenticate
-from api.deps import get_store
+from api.deps import get_job_reader, get_store
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 FASTAPI_422 = "#/components/schemas/HTTPValidationError"
@@ -55,7 +55,7 @@ def _common_errors(route) -> dict[str, dict[str, Any]]:
     if route.body_field is not None:
         extra["400"] = MALFORMED
         extra["413"] = TOO_LARGE
-    if get_store in calls:
+    if get_store in calls or get_job_reader in calls:
         extra["503"] = STORE_DOWN
     return extra
 

@@ -10,6 +10,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from fastapi import Request
+from starlette.datastructures import URLPath
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.url_patterns import S3_ENDPOINT_PATTERN, SOURCE_URL_PATTERN, WEBHOOK_URL_PATTERN
@@ -189,34 +190,65 @@ class Health(BaseModel):
 
 # --- record -> response ------------------------------------------------------------------
 
-def job_links(request: Request, job_id: str) -> JobLinks:
-    return JobLinks(
-        self=str(request.url_for("get_job", job_id=job_id)),
-        cancel=str(request.url_for("cancel_job", job_id=job_id)),
-    )
+# The record's fields a JobOut shows as they are.
+_SHOWN = (
+    "id", "state", "source_url", "options", "idempotency_key", "progress", "created_at", "updated_at",
+    "started_at", "finished_at", "attempts", "cancel_requested", "error", "summary", "force", "reused_from",
+    "webhook_url", "webhook_events", "webhook_deliveries",
+)
 
 
-def job_created(request: Request, job: Job) -> JobCreated:
-    return JobCreated(id=job.id, state=job.state, links=job_links(request, job.id))
+_templates: dict[tuple[int, str, tuple[str, ...]], tuple[object, str]] = {}
 
 
-def job_out(request: Request, job: Job) -> JobOut:
-    return JobOut(
-        **job.model_dump(include={
-            "id", "state", "source_url", "options", "idempotency_key", "progress", "created_at",
-            "updated_at", "started_at", "finished_at", "attempts", "cancel_requested", "error", "summary",
-            "force", "reused_from",
-            "webhook_url", "webhook_events", "webhook_deliveries",
-        }),
-        artifacts=[
-            ArtifactOut(
-                name=a.name, size=a.size, sha256=a.sha256,
-                url=str(request.url_for("get_artifact", job_id=job.id, name=a.name)),
-            )
+def _path_template(provider, name: str, params: tuple[str, ...]) -> str:
+    """A route's path with ``{param}`` in place of each parameter. url_path_for tries every
+    route in turn (an exception for each one that is not it): once per route, not per link.
+    Keyed by the router's id (routers are not hashable), kept alive with it so that the id
+    cannot be reused by another object."""
+    key = (id(provider), name, params)
+    hit = _templates.get(key)
+    if hit is None or hit[0] is not provider:
+        hit = (provider, provider.url_path_for(name, **{p: "{" + p + "}" for p in params}))
+        _templates[key] = hit
+    return hit[1]
+
+
+class Links:
+    """request.url_for for one request's links: the same absolute URLs, made from each
+    route's path template and the request's base URL (scheme, host, root path) found once."""
+
+    def __init__(self, request: Request):
+        self.provider = request.scope.get("router") or request.scope.get("app")
+        # What make_absolute_url puts before a path: base_url's path without its last "/".
+        self.base = str(URLPath("/").make_absolute_url(request.base_url))[:-1]
+
+    def url(self, route: str, /, **params: str) -> str:
+        return self.base + _path_template(self.provider, route, tuple(params)).format(**params)
+
+    def job(self, job_id: str) -> JobLinks:
+        return JobLinks(self=self.url("get_job", job_id=job_id), cancel=self.url("cancel_job", job_id=job_id))
+
+
+def job_created(request: Request, job: Job, links: Optional[Links] = None) -> JobCreated:
+    """``links``: one Links for every job of a batch."""
+    return JobCreated(id=job.id, state=job.state, links=(links or Links(request)).job(job.id))
+
+
+def job_out(request: Request, job: Job, links: Optional[Links] = None) -> JobOut:
+    """``links``: one Links for every job of a page."""
+    links = links or Links(request)
+    # The record's values as they are (nested models are not dumped and validated again);
+    # from_attributes turns the JobError into an ErrorOut.
+    return JobOut.model_validate({
+        **{name: getattr(job, name) for name in _SHOWN},
+        "artifacts": [
+            ArtifactOut(name=a.name, size=a.size, sha256=a.sha256,
+                        url=links.url("get_artifact", job_id=job.id, name=a.name))
             for a in job.artifacts
         ],
-        links=job_links(request, job.id),
-    )
+        "links": links.job(job.id),
+    }, from_attributes=True)
 
 
 class Architectures(BaseModel):

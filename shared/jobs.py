@@ -35,6 +35,7 @@ from enum import Enum
 from typing import Any, Callable, Optional
 
 import redis
+import redis.asyncio
 from pydantic import BaseModel, Field
 
 from shared.job_options import JobOptions
@@ -42,8 +43,8 @@ from shared.webhook_records import ALL_EVENTS, WebhookAttempt, WebhookEvent
 
 WATCH_RETRIES = 50
 _PRUNE_BATCH = 20
-# _prune_oldest in one round trip (it runs on every create and finish): for each index in
-# KEYS, its oldest ARGV[2] members, and those whose record ARGV[1]..id is gone are removed.
+# Pruning in one round trip (in every create's transaction, and after every finish): for each
+# index in KEYS, its oldest ARGV[2] members, and those whose record ARGV[1]..id is gone are removed.
 _PRUNE_EXPIRED = """
 local removed = 0
 for _, index in ipairs(KEYS) do
@@ -169,6 +170,30 @@ def redis_client(url: str) -> redis.Redis:
     )
 
 
+def async_redis_client(url: str) -> redis.asyncio.Redis:
+    """redis_client's twin on asyncio, with the same timeouts: for reads an async route makes
+    without a hop to a thread. Its connections belong to the event loop that opened them."""
+    return redis.asyncio.Redis.from_url(
+        url, decode_responses=True, socket_connect_timeout=3, socket_timeout=10, health_check_interval=30
+    )
+
+
+def job_key(prefix: str, job_id: str) -> str:
+    return f"{prefix}:job:{job_id}"
+
+
+class AsyncJobReader:
+    """JobStore.get on asyncio: the API's status route, its busiest, reads one record and
+    writes nothing, so it needs none of the store's transactions."""
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str = "attnonly"):
+        self.redis, self.prefix = client, prefix
+
+    async def get(self, job_id: str) -> Optional[Job]:
+        data = await self.redis.get(job_key(self.prefix, job_id))
+        return Job.model_validate_json(data) if data is not None else None
+
+
 Mutation = Callable[[Job], Optional[Job]]
 ExtraOps = Callable[[Any, Job, Job], None]
 
@@ -182,7 +207,7 @@ class JobStore:
 
     # --- keys -----------------------------------------------------------------------------
     def _job_key(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
+        return job_key(self.prefix, job_id)
 
     @property
     def _all_index(self) -> str:
@@ -283,13 +308,16 @@ class JobStore:
                     if idem_key is not None:
                         pipe.set(idem_key, job.id)
                     self._write(pipe, job, previous=None)
+                    # The pruning in the same round trip (EVAL: a pipeline's EVALSHA costs
+                    # one more, to check that the script is loaded).
+                    pipe.eval(_PRUNE_EXPIRED, 2, self._all_index, self._owner_index(owner), self._job_key(""),
+                              _PRUNE_BATCH)
                     pipe.execute()
                     break
                 except redis.WatchError:
                     continue
         else:
             raise RuntimeError("job store: too much contention on one idempotency key")
-        self._prune_oldest(self._all_index, self._owner_index(owner))
         return job, True
 
     def release_idempotency_key(self, job: Job) -> None:

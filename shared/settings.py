@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     rate_limit_window_seconds: int = Field(60, ge=1, le=24 * 3600)
     # Largest request body, enforced while it streams in (chunked bodies included).
     max_request_bytes: int = Field(1 * MiB, ge=1024)
+    # Threads per API process for its blocking work (a submission's Redis and broker round
+    # trips). Few: 40 (the default of anyio, under FastAPI) queued for the GIL in turn after
+    # every round trip, and a submission's p99 doubled (bench/load.py).
+    api_threads: int = Field(8, ge=1, le=200)
     # GET /v1/jobs/{id}/events ends its stream after this long even if the job has not
     # ended: the client reconnects with Last-Event-ID (EventSource does so by itself), and
     # no connection is held open for hours by a job that waits in the queue.

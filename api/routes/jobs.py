@@ -10,13 +10,14 @@ from typing import Annotated, Optional
 
 from fastapi import APIRouter, Body, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse
+from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal, PrincipalDep
-from api.deps import QueueDep, RateLimiterDep, SettingsDep, StorageDep, StoreDep
+from api.deps import JobReaderDep, QueueDep, RateLimiterDep, SettingsDep, StorageDep, StoreDep
 from api.errors import NOT_CONFIGURED, ApiError
 from api.routes.webhooks import check_webhooks
 from api.schemas import (
-    MAX_BATCH, MAX_PAGE, BatchCreated, ErrorResponse, JobCreate, JobCreated, JobOut, JobPage,
+    MAX_BATCH, MAX_PAGE, BatchCreated, ErrorResponse, JobCreate, JobCreated, JobOut, JobPage, Links,
     job_created, job_out,
 )
 from shared.jobs import CURSOR_PATTERN, Job, JobError, JobState, JobStore
@@ -127,27 +128,39 @@ def _not_found(job_id: str) -> ApiError:
     return ApiError(404, "job_not_found", f"no job {job_id} (unknown, or expired after it finished)")
 
 
-def _get_own_or_404(store: JobStore, job_id: str, principal: Principal) -> Job:
-    job = store.get(job_id)
+def _own_or_404(job: Optional[Job], job_id: str, principal: Principal) -> Job:
     if job is None or job.owner != principal.owner:
         raise _not_found(job_id)
     return job
 
 
+def _get_own_or_404(store: JobStore, job_id: str, principal: Principal) -> Job:
+    return _own_or_404(store.get(job_id), job_id, principal)
+
+
+def _create_all(bodies: list[JobCreate], principal: Principal, store: JobStore, queue, limiter,
+                settings: Settings, batch: bool) -> list[tuple[Job, bool]]:
+    """Every check, then every job created and queued: blocking (Redis, the broker), so run on
+    the thread pool, in one hop."""
+    _check_sources(bodies, principal, settings, batch=batch)
+    check_webhooks(bodies, settings, batch=batch)
+    _check_credentials(bodies, settings, batch=batch)
+    _check_quota(store, principal, settings, len(bodies))
+    limiter.take(principal.owner, len(bodies))
+    return [_submit(b, principal, store, queue, settings) for b in bodies]
+
+
+# The submitting routes are async and hop to the thread pool once (_create_all): as plain
+# ``def`` routes they hopped twice, FastAPI validating a sync route's response on the pool too.
 @router.post(
     "", status_code=202, response_model=JobCreated, responses=CREATE_ERRORS,
     summary="Submit a conversion job",
 )
-def create_job(
+async def create_job(
     body: JobCreate, request: Request, response: Response, principal: PrincipalDep,
     store: StoreDep, queue: QueueDep, limiter: RateLimiterDep, settings: SettingsDep,
 ):
-    _check_sources([body], principal, settings, batch=False)
-    check_webhooks([body], settings, batch=False)
-    _check_credentials([body], settings, batch=False)
-    _check_quota(store, principal, settings, 1)
-    limiter.take(principal.owner, 1)
-    job, created = _submit(body, principal, store, queue, settings)
+    [(job, created)] = await run_in_threadpool(_create_all, [body], principal, store, queue, limiter, settings, False)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return job_created(request, job)
@@ -157,17 +170,14 @@ def create_job(
     "/batch", status_code=202, response_model=BatchCreated, responses=CREATE_ERRORS,
     summary="Submit several jobs: one job per body, in order (each counts against the rate limit)",
 )
-def create_jobs(
+async def create_jobs(
     bodies: Annotated[list[JobCreate], Body(min_length=1, max_length=MAX_BATCH)],
     request: Request, principal: PrincipalDep, store: StoreDep, queue: QueueDep, limiter: RateLimiterDep,
     settings: SettingsDep,
 ):
-    _check_sources(bodies, principal, settings, batch=True)
-    check_webhooks(bodies, settings, batch=True)
-    _check_credentials(bodies, settings, batch=True)
-    _check_quota(store, principal, settings, len(bodies))
-    limiter.take(principal.owner, len(bodies))
-    return BatchCreated(jobs=[job_created(request, _submit(b, principal, store, queue, settings)[0]) for b in bodies])
+    created = await run_in_threadpool(_create_all, bodies, principal, store, queue, limiter, settings, True)
+    links = Links(request)
+    return BatchCreated(jobs=[job_created(request, job, links) for job, _ in created])
 
 
 @router.get("", response_model=JobPage, summary="List your jobs, newest first")
@@ -180,12 +190,14 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
 ):
     jobs, next_cursor = store.list(state=state, cursor=cursor, limit=limit, owner=principal.owner)
-    return JobPage(jobs=[job_out(request, j) for j in jobs], next_cursor=next_cursor)
+    links = Links(request)
+    return JobPage(jobs=[job_out(request, j, links) for j in jobs], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND, summary="A job's state and progress")
-def get_job(job_id: JobId, request: Request, principal: PrincipalDep, store: StoreDep):
-    return job_out(request, _get_own_or_404(store, job_id, principal))
+async def get_job(job_id: JobId, request: Request, principal: PrincipalDep, reader: JobReaderDep):
+    # async, on redis.asyncio: the route clients poll, so no hop to the thread pool.
+    return job_out(request, _own_or_404(await reader.get(job_id), job_id, principal))
 
 
 @router.post(
