@@ -173,8 +173,14 @@ def redis_client(url: str) -> redis.Redis:
 def async_redis_client(url: str) -> redis.asyncio.Redis:
     """redis_client's twin on asyncio, with the same timeouts: for reads an async route makes
     without a hop to a thread. Its connections belong to the event loop that opened them."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+
+    # a pooled connection that Redis closed (a restart) fails once and is reopened, not a 503
     return redis.asyncio.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=3, socket_timeout=10, health_check_interval=30
+        url, decode_responses=True, socket_connect_timeout=3, socket_timeout=10, health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=1.0), 3),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
     )
 
 
