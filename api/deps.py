@@ -11,7 +11,7 @@ import asyncio
 import logging
 from typing import Annotated, Callable, Optional, Protocol, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
 
 from api.limits import RateLimiter
 
@@ -57,10 +57,16 @@ class CeleryJobQueue:
         self._app.send_task(CONVERT_TASK, args=[job_id], task_id=job_id, queue=self._queue)
 
 
+def app_settings(app: FastAPI) -> Settings:
+    """get_settings, or what a test put in its place: for the routes and for what the app
+    sets up outside them (lifespan, middleware), so that tests' overrides apply to both."""
+    return app.dependency_overrides.get(get_settings, get_settings)()
+
+
 async def current_settings(request: Request) -> Settings:
-    """get_settings, or what a test put in its place, without the thread-pool hop FastAPI
-    makes for get_settings itself (a plain ``def``)."""
-    return request.app.dependency_overrides.get(get_settings, get_settings)()
+    """app_settings without the thread-pool hop FastAPI makes for get_settings itself (a
+    plain ``def``)."""
+    return app_settings(request.app)
 
 
 SettingsDep = Annotated[Settings, Depends(current_settings)]

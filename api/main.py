@@ -12,7 +12,7 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from api import errors
-from api.deps import get_queue, make_queue
+from api.deps import app_settings, get_queue, make_queue
 from api.limits import BodySizeLimit
 from api.openapi_docs import document_errors
 from api.routes import api_router, health, metrics, pages
@@ -60,7 +60,7 @@ def _freeze_startup_heap() -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
-    settings = app.dependency_overrides.get(get_settings, get_settings)()
+    settings = app_settings(app)
     to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
     # The queue's client (Celery's imports and app) made before the first submission, on the
     # thread pool: made on first use, inside the async dependency, it held every request of the
@@ -87,8 +87,7 @@ document_errors(app)
 
 
 def _max_request_bytes() -> int:
-    # Through the same dependency the routes use, so that tests' overrides apply here too.
-    return app.dependency_overrides.get(get_settings, get_settings)().max_request_bytes
+    return app_settings(app).max_request_bytes
 
 
 app.add_middleware(BodySizeLimit, limit=_max_request_bytes)

@@ -199,20 +199,13 @@ def _services() -> tuple[Settings, JobStore, Storage]:
     return settings, store, Storage(settings)
 
 
-def _pick_device(settings: Settings) -> str:
-    if settings.device:
-        return settings.device
-    import torch  # here, in the child: the prefork parent never touches CUDA
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @celery_app.task(name=CONVERT_TASK)
 @logs.about_job
 def convert_job(job_id: str) -> Optional[str]:
     settings, store, storage = _services()
     try:
-        state = run_job(job_id, settings=settings, store=store, storage=storage, device=_pick_device(settings))
+        # No device set: the conversion picks (device.resolve: CUDA when torch sees one).
+        state = run_job(job_id, settings=settings, store=store, storage=storage, device=settings.device or None)
     except StoreUnavailable as exc:
         # Not acknowledged: the message goes back to the queue (or, if the broker is down
         # too, stays unacknowledged and comes back after the visibility timeout).

@@ -389,6 +389,51 @@ def _leak_negligible(kmax, kmin, a, c, omega, null_slot, n_keys):
     return float(lead.max()) + math.log(2 * n_keys) <= NEGLIGIBLE_LEAK
 
 
+class _HeadOperands:
+    """Head m's a_m, c_m, g_m in the three in-place passes of `_self_only_group`."""
+
+    a: object
+    c: object
+    g: object
+
+    def key(self, kb, w, m):  # w = c_m + a_m kb
+        raise NotImplementedError
+
+    def first(self, ob, w, m):  # ob = g_m w
+        return torch.mul(w, self.g[m], out=ob)
+
+    def accumulate(self, ob, w, m):  # ob += g_m w
+        raise NotImplementedError
+
+
+class _UniformHeads(_HeadOperands):
+    """One mixture for every unit (what the converter builds): scalar operands, which aten's CPU
+    kernels run ~4x faster than broadcast vectors; one host transfer for all heads."""
+
+    def __init__(self, a, c, g):  # (M, 1) each, or (M, F) with stride 0 along F
+        self.a, self.g = torch.stack((a[:, 0], g[:, 0])).tolist()
+        self.c = c[:, 0]
+
+    def key(self, kb, w, m):
+        return torch.add(self.c[m], kb, alpha=self.a[m], out=w)
+
+    def accumulate(self, ob, w, m):
+        return ob.add_(w, alpha=self.g[m])
+
+
+class _PerUnitHeads(_HeadOperands):
+    """Operands as (F,) vectors, one value per unit."""
+
+    def __init__(self, a, c, g):  # (M, F) each
+        self.a, self.c, self.g = a, c, g
+
+    def key(self, kb, w, m):
+        return torch.addcmul(self.c[m], self.a[m], kb, out=w)
+
+    def accumulate(self, ob, w, m):
+        return ob.addcmul_(w, self.g[m])
+
+
 def _self_only_group(k, v, a, c, g, null_slot):
     """sum_m g_m w_m v (B, T, F), w_m = sigma(a_m k + c_m) with a null slot, 1 without: the heads'
     output when no other key carries weight. Row blocks of ~SELF_ONLY_BLOCK elements; per head
@@ -400,23 +445,14 @@ def _self_only_group(k, v, a, c, g, null_slot):
     out = torch.empty_like(kf)
     rows = max(1, SELF_ONLY_BLOCK // F)
     work = kf.new_empty(min(rows, B * T), F)
-    if all(t.shape[1] == 1 or t.stride(1) == 0 for t in (a, c, g)):
-        # one mixture for every unit (what the converter builds): scalar operands, which aten's CPU
-        # kernels run ~4x faster than broadcast vectors; one host transfer for all heads
-        heads = [(am, c[m, 0], gm) for m, (am, gm) in enumerate(torch.stack((a[:, 0], g[:, 0]), 1).tolist())]
-        key = lambda kb, w, m: torch.add(heads[m][1], kb, alpha=heads[m][0], out=w)  # c + a k
-        accumulate = lambda ob, w, m: ob.add_(w, alpha=heads[m][2])
-        first = lambda ob, w, m: torch.mul(w, heads[m][2], out=ob)
-    else:
-        key = lambda kb, w, m: torch.addcmul(c[m], a[m], kb, out=w)
-        accumulate = lambda ob, w, m: ob.addcmul_(w, g[m])
-        first = lambda ob, w, m: torch.mul(w, g[m], out=ob)
+    uniform = all(t.shape[1] == 1 or t.stride(1) == 0 for t in (a, c, g))
+    heads = (_UniformHeads if uniform else _PerUnitHeads)(a, c, g)
     for r0 in range(0, B * T, rows):
         kb, ob = kf[r0:r0 + rows], out[r0:r0 + rows]  # (rows, F) views
         w = work[:kb.shape[0]]
         for m in range(a.shape[0]):
-            key(kb, w, m).sigmoid_()
-            (first if m == 0 else accumulate)(ob, w, m)
+            heads.key(kb, w, m).sigmoid_()
+            (heads.first if m == 0 else heads.accumulate)(ob, w, m)
         ob.mul_(vf[r0:r0 + rows])
     return out.view(B, T, F)
 
