@@ -170,7 +170,7 @@ class Settings(BaseSettings):
     # parameters, before any calibration.
     explicit_max_params: int = Field(50_000_000, ge=1)
 
-    # --- Downloading sources (see shared/fetch.py) ----------------------------------------
+    # --- Downloading sources (see shared/fetch/) ----------------------------------------
     max_download_bytes: int = Field(20 * GiB, ge=1)
     fetch_connect_timeout: float = Field(10.0, gt=0)
     fetch_read_timeout: float = Field(60.0, gt=0)

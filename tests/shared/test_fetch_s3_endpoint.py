@@ -7,7 +7,7 @@ from pydantic import SecretStr
 
 from shared.credentials import SourceCredentials, new_key, seal, unseal
 from shared.fetch import FetchError, parse_url
-from shared.fetch import _S3Remote as S3Remote
+from shared.fetch.s3_remote import S3Remote
 
 CLOSED = "http://127.0.0.1:1"  # nothing listens there: a request sent to it fails
 
