@@ -8,16 +8,14 @@ replay of what it already saw. A stream also ends after settings.events_stream_s
 from __future__ import annotations
 
 import asyncio
-
 from typing import Annotated, Optional
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from api.auth import PrincipalDep
-from api.deps import SettingsDep, StoreDep
-from api.routes.jobs import NOT_FOUND, JobId, _get_own_or_404
+from api.deps import JobReaderDep, SettingsDep
+from api.routes.jobs import NOT_FOUND, JobId, _own_or_404
 from api.schemas import job_out
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -36,9 +34,11 @@ def _event_id(job) -> int:
                                                                      "with Last-Event-ID)"}},
     response_class=StreamingResponse, summary="Server-Sent Events of the job's state and progress",
 )
-async def job_events(job_id: JobId, request: Request, principal: PrincipalDep, store: StoreDep,
+async def job_events(job_id: JobId, request: Request, principal: PrincipalDep, reader: JobReaderDep,
                      settings: SettingsDep, last_event_id: Annotated[Optional[str], Header()] = None):
-    job = await run_in_threadpool(_get_own_or_404, store, job_id, principal)
+    # Reads on redis.asyncio, like GET /v1/jobs/{id}: a stream polls twice a second, and
+    # hundreds of streams would otherwise queue on the thread pool the submissions use.
+    job = _own_or_404(await reader.get(job_id), job_id, principal)
     try:
         seen = int(last_event_id) if last_event_id else -1
     except ValueError:
@@ -64,7 +64,7 @@ async def job_events(job_id: JobId, request: Request, principal: PrincipalDep, s
             if quiet >= KEEPALIVE_SECONDS:
                 yield ": keep-alive\n\n"
                 quiet = 0.0
-            job = await run_in_threadpool(store.get, job_id)
+            job = await reader.get(job_id)
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
