@@ -10,6 +10,9 @@ Library half, on this machine:
 Service half, through the HTTP API (--api-url/--api-key, or ATTNONLY_API_URL/ATTNONLY_API_KEY):
     submit URL [--option key=value ...] [--wait] [--download DIR]
     status ID | list | cancel ID | watch ID | download ID DIR
+
+This module is the parser, the exit statuses and what both halves print with; the halves run
+in cli_library (this machine) and cli_service (the HTTP API).
 """
 from __future__ import annotations
 
@@ -17,10 +20,7 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, Optional
-
-from tqdm import tqdm
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SERVICE, EXIT_CANCELLED = 0, 1, 2, 3, 4
 
@@ -48,30 +48,9 @@ examples:
   attnonly submit https://models.example.org/gpt2/ --wait --download ./gpt2-ao
 """
 
-# ClientError codes raised on this side that are the user's input, not the service's fault.
-INPUT_CODES = {"no_api_url", "invalid_job_id", "no_artifacts"}
 
-
-# --- library half ---------------------------------------------------------------------------
-
-class ProgressBars:
-    """One tqdm bar per stage, over layers."""
-
-    def __init__(self):
-        self.bars = {}
-
-    def __call__(self, stage, done, total):
-        bar = self.bars.get(stage)
-        if bar is None:
-            for other in self.bars.values():
-                other.close()
-            bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:<11}", unit="step",
-                                          file=sys.stderr, leave=True)
-        bar.update(done - bar.n)
-
-    def close(self):
-        for bar in self.bars.values():
-            bar.close()
+def error(code: str, message: str) -> None:
+    print(f"error [{code}]: {message}", file=sys.stderr)
 
 
 def table(rows: list[tuple[str, ...]]) -> list[str]:
@@ -79,57 +58,6 @@ def table(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     return ["  ".join(cell.rjust(w) if k else cell.ljust(w) for k, (cell, w) in enumerate(zip(row, widths))).rstrip()
             for row in rows]
-
-
-def summary_table(report) -> str:
-    rows = [("ffn site", "kind", "heads/unit", "omega", "local rel")]
-    plans = {p["path"]: p for p in report.config["attention_only"]["sites"]}
-    for entry in report.local or [{"site": p} for p in plans]:
-        plan = plans[entry["site"]]
-        rows.append((entry["site"], plan["kind"], str(plan["heads_per_unit"]), f"{plan['omega']:.4g}", fmt(entry.get("ffn_rel"))))
-    lines = table(rows)
-    s = report.summary
-    lines.append("")
-    for key in ("logits_max_abs", "logits_max_rel", "kl_max", "top1_agreement", "hidden_min_cosine", "greedy_identical",
-                "greedy_ties", "attention_heads_added", "storage_dtype"):
-        if s.get(key) is not None:
-            lines.append(f"{key:<22} {fmt(s[key])}")
-    lines.append(f"{'verdict':<22} {'PASSED' if report.passed else 'FAILED'}")
-    lines += [f"  - {failure}" for failure in report.failures]
-    return "\n".join(lines)
-
-
-def inspect_table(report: dict) -> str:
-    """report.json as a table: one row per FFN site, then the summary and the verdict."""
-    sites = (report.get("construction") or {}).get("sites") or []
-    checks = {e.get("site"): e for e in (report.get("checks") or {}).get("local") or []}
-    rows = [("ffn site", "kind", "activation", "heads/unit", "omega", "calib rel", "check rel", "adjusted")]
-    for site in sites:
-        check = checks.get(site.get("path"), {})
-        adjusted = site.get("adjusted")
-        rows.append((
-            str(site.get("path", "?")), str(site.get("kind", "-")), str(site.get("activation") or "-"),
-            fmt(site.get("heads_per_unit")),
-            f"{site['omega']:.4g}" if isinstance(site.get("omega"), (int, float)) else "-",
-            fmt(site.get("calibration_rel", check.get("calibration_rel"))), fmt(check.get("ffn_rel")),
-            "yes" if adjusted else "-",
-        ))
-    source = report.get("source") or {}
-    calibration = report.get("calibration") or {}
-    lines = [f"source       {source.get('architecture', '?')} ({source.get('model_type', '?')})",
-             f"calibration  {calibration.get('kind', '?')}, {fmt(calibration.get('tokens'))} tokens"
-             f" in {fmt(calibration.get('sequences'))} sequences", ""]
-    lines += table(rows) if sites else ["(no FFN sites)"]
-    summary = report.get("summary") or {}
-    lines.append("")
-    for key in ("tolerance", "max_local_rel", "logits_max_abs", "logits_max_rel", "kl_max", "top1_agreement",
-                "hidden_min_cosine", "greedy_identical", "greedy_ties", "attention_heads_added", "dtype", "storage_dtype"):
-        if summary.get(key) is not None:
-            lines.append(f"{key:<22} {fmt(summary[key])}")
-    verdict = report.get("verdict") or {}
-    lines.append(f"{'verdict':<22} {'PASSED' if verdict.get('passed') else 'FAILED'}")
-    lines += [f"  - {failure}" for failure in verdict.get("failures") or []]
-    return "\n".join(lines)
 
 
 def fmt(value) -> str:
@@ -157,112 +85,6 @@ def parse_unit(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: a unit is LAYER:UNIT, e.g. 0:5") from None
 
 
-def error(code: str, message: str) -> None:
-    print(f"error [{code}]: {message}", file=sys.stderr)
-
-
-def run_library(args) -> int:
-    from .errors import ConversionError
-
-    bars = ProgressBars()
-    try:
-        if args.command == "convert":
-            from .convert import convert
-            from .options import ConversionOptions
-
-            options = ConversionOptions(tolerance=args.tolerance, dtype=args.dtype, calibration=args.calibration,
-                                        calibration_tokens=args.calibration_tokens,
-                                        seq_len=args.seq_len, greedy_tokens=args.greedy_tokens, allow_pickle=args.allow_pickle,
-                                        construction=args.construction, explicit_max_params=args.explicit_max_params,
-                                        device=args.device)
-            report = convert(args.source, args.out, options, progress=bars)
-            bars.close()
-            print(summary_table(report))
-            if args.explain:
-                from .explain_cli import add_to_report
-
-                add_to_report(args.out, args.explain)
-            print(f"\nwrote {args.out}/ (config.json, weights, report.json)")
-            return EXIT_OK if report.passed else EXIT_FAILED
-        if args.command == "check":
-            from .convert import check
-
-            report = check(args.out, args.source, progress=bars)
-            bars.close()
-            print(summary_table(report))
-            return EXIT_OK if report.passed else EXIT_FAILED
-        if args.command == "inspect":
-            return inspect(args.out)
-        if args.command == "explain":
-            from .explain_cli import run_explain
-
-            return run_explain(args)
-        if args.command == "architectures":
-            from .patterns import TABLE_FILE, describe_patterns
-
-            print("FFN patterns (a model converts when each of its FFNs matches one):")
-            for row in describe_patterns():
-                print("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
-            seen = json.loads(TABLE_FILE.read_text())["model_types"]
-            if seen:
-                print(f"\nmodel types seen to convert (transformers {seen['transformers']}, {seen['measured']}):")
-                print("  " + ", ".join(seen["converted"]))
-            return EXIT_OK
-        return generate(args)
-    except ConversionError as exc:
-        bars.close()
-        error(exc.code, exc.message)
-        return EXIT_USAGE
-
-
-def inspect(out: str) -> int:
-    path = Path(out)
-    path = path if path.is_file() else path / "report.json"
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        error("source_missing_file", f"{path} does not exist (inspect reads a converted directory's report.json)")
-        return EXIT_USAGE
-    except (OSError, ValueError) as exc:
-        error("invalid_report", f"{path} is not a readable report.json: {exc}")
-        return EXIT_USAGE
-    if not isinstance(report, dict):
-        error("invalid_report", f"{path} is not a report.json")
-        return EXIT_USAGE
-    print(inspect_table(report))
-    return EXIT_OK if (report.get("verdict") or {}).get("passed") else EXIT_FAILED
-
-
-def generate(args) -> int:
-    import torch
-
-    from .runtime import load_converted
-
-    model = load_converted(args.out, device="cpu")
-    if not hasattr(model, "generate") or model.get_output_embeddings() is None:
-        error("not_a_decoder", "generate needs a model with a language-model head")
-        return EXIT_USAGE
-    if not args.prompt_ids:
-        error("invalid_options", "--prompt-ids needs at least one id")
-        return EXIT_USAGE
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if any(not 0 <= t < vocab for t in args.prompt_ids):
-        error("invalid_options", f"prompt ids must be in [0, {vocab})")
-        return EXIT_USAGE
-    prompt = torch.tensor([args.prompt_ids])
-    try:
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.max_new_tokens,
-                             min_new_tokens=args.max_new_tokens,
-                             do_sample=False, pad_token_id=0)
-    except ValueError as exc:
-        error("invalid_options", str(exc))
-        return EXIT_USAGE
-    print(",".join(str(t) for t in out[0].tolist()))
-    return EXIT_OK
-
-
-# --- service half -----------------------------------------------------------------------------
-
 def parse_option(text: str) -> tuple[list[str], Any]:
     """``key=value`` (``calibration.tokens=512``): a dotted key, and the value as JSON when it
     reads as JSON (numbers, true, lists), else as a string; ``checks=local,greedy`` is a list."""
@@ -289,173 +111,6 @@ def options_from(pairs: list[tuple[list[str], Any]]) -> dict[str, Any]:
             node = child
         node[path[-1]] = value
     return options
-
-
-def exit_code_for(exc) -> int:
-    """The exit status for a ClientError (see the epilog)."""
-    if exc.code in INPUT_CODES:
-        return EXIT_USAGE
-    if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (408, 429) \
-            and not exc.code.startswith(("download_", "artifact_")):
-        return EXIT_USAGE
-    return EXIT_SERVICE
-
-
-def exit_code_for_job(job) -> int:
-    return {"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(job.state, EXIT_FAILED)
-
-
-class JobBar:
-    """A tqdm bar over a job's percent, its description the state and stage."""
-
-    def __init__(self, job_id: str):
-        self.job_id = job_id
-        self.bar = tqdm(total=100.0, unit="%", file=sys.stderr, leave=True, desc=f"{job_id[:8]} waiting",
-                        bar_format="{desc}: {percentage:5.1f}%|{bar}| [{elapsed}]{postfix}")
-
-    def __call__(self, job) -> None:
-        p = job.progress
-        stage = p.stage if p.stage and p.stage != job.state and not job.finished else ""
-        self.bar.set_description_str(f"{job.id[:8]} {job.state}{' ' + stage if stage else ''}", refresh=False)
-        layers = f"layer {p.layers_done}/{p.layers_total}" \
-            if p.layers_total and p.layers_done is not None and not job.finished else ""
-        self.bar.set_postfix_str(layers + (" cancel requested" if job.cancel_requested and not job.finished else ""),
-                                 refresh=False)
-        percent = 100.0 if job.state == "succeeded" else max(0.0, min(100.0, p.percent))
-        self.bar.n = percent
-        self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def report_outcome(job) -> int:
-    """One line on stderr for a finished job; its exit status."""
-    if job.state == "succeeded":
-        passed = (job.summary or {}).get("passed")
-        print(f"job {job.id} succeeded" + (" (checks passed)" if passed else ""), file=sys.stderr)
-    elif job.state == "cancelled":
-        print(f"job {job.id} cancelled", file=sys.stderr)
-    else:
-        err = job.error
-        error(err.code if err else "failed", f"job {job.id} {job.state}: {err.message if err else 'no reason given'}")
-    return exit_code_for_job(job)
-
-
-def wait_with_bar(api, job_id: str):
-    bar = JobBar(job_id)
-    try:
-        return api.wait(job_id, on_progress=bar)
-    finally:
-        bar.close()
-
-
-def download_into(api, job, directory: str) -> None:
-    for path in api.download(job.id, directory, job=job):
-        print(path)
-
-
-def print_job(job) -> None:
-    p = job.progress
-    rows = [
-        ("id", job.id), ("state", job.state + (" (cancel requested)" if job.cancel_requested and not job.finished else "")),
-        ("source", job.source_url or "-"),
-        ("progress", "-" if job.finished else f"{p.percent:.1f}%" + (f" {p.stage}" if p.stage else "")
-         + (f", layer {p.layers_done}/{p.layers_total}" if p.layers_total and p.layers_done is not None else "")),
-        ("created", job.created_at.isoformat() if job.created_at else "-"),
-        ("finished", job.finished_at.isoformat() if job.finished_at else "-"),
-        ("attempts", str(job.attempts)),
-    ]
-    if job.reused_from:
-        rows.append(("reused from", job.reused_from))
-    if job.error:
-        rows.append(("error", f"[{job.error.code}] {job.error.message}"))
-    for key in ("passed", "ffn_sites", "attention_heads_added", "max_local_rel", "logits_max_rel", "kl_max"):
-        if job.summary and job.summary.get(key) is not None:
-            rows.append((key, fmt(job.summary[key])))
-    for artifact in job.artifacts:
-        rows.append(("artifact", f"{artifact.name} ({artifact.size} bytes)"
-                     + (f" sha256 {artifact.sha256}" if artifact.sha256 else "")))
-    for key, value in rows:
-        print(f"{key:<22} {value}")
-
-
-def job_json(job) -> dict:
-    from dataclasses import asdict
-
-    return json.loads(json.dumps(asdict(job), default=str))
-
-
-def run_service(args) -> int:
-    from .client import Client, ClientError
-
-    url = args.api_url or os.environ.get("ATTNONLY_API_URL")
-    key = args.api_key or os.environ.get("ATTNONLY_API_KEY")
-    if not url:
-        error("no_api_url", "no service URL: pass --api-url or set ATTNONLY_API_URL")
-        return EXIT_USAGE
-    job_id = None
-    try:
-        with Client(url, key) as api:
-            if args.command == "submit":
-                try:
-                    options = options_from(args.option or [])
-                except ValueError as exc:
-                    error("invalid_options", str(exc))
-                    return EXIT_USAGE
-                job = api.submit(args.source_url, options or None, args.idempotency_key)
-                job_id = job.id
-                print(job.id, flush=True)
-                if job.replayed:
-                    print(f"job {job.id}: an earlier submission with this idempotency key", file=sys.stderr)
-                if not (args.wait or args.download):
-                    return EXIT_OK
-                job = wait_with_bar(api, job.id)
-                code = report_outcome(job)
-                if args.download and job.artifacts:
-                    download_into(api, job, args.download)
-                return code
-            if args.command == "watch":
-                job_id = args.id
-                return report_outcome(wait_with_bar(api, args.id))
-            if args.command == "status":
-                job = api.status(args.id)
-                if args.json:
-                    print(json.dumps(job_json(job), indent=2))
-                else:
-                    print_job(job)
-                return EXIT_OK
-            if args.command == "list":
-                jobs = api.list(state=args.state, limit=args.limit)
-                if args.json:
-                    print(json.dumps([job_json(j) for j in jobs], indent=2))
-                elif jobs:
-                    rows = [("id", "state", "progress", "created", "source")]
-                    rows += [(j.id, j.state, f"{j.progress.percent:.0f}%",
-                              j.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.created_at else "-", j.source_url or "-")
-                             for j in jobs]
-                    print("\n".join(table(rows)))
-                return EXIT_OK
-            if args.command == "cancel":
-                job = api.cancel(args.id)
-                print(f"job {job.id} {job.state}" + (" (cancel requested; it stops within a layer)"
-                                                     if job.cancel_requested and not job.finished else ""))
-                return EXIT_OK
-            if args.command == "download":
-                job = api.status(args.id)
-                if not job.artifacts:
-                    error("no_artifacts", f"job {job.id} has no artifacts (it is {job.state})")
-                    return EXIT_USAGE if job.state != "failed" else EXIT_FAILED
-                download_into(api, job, args.dir)
-                return EXIT_OK if job.state == "succeeded" else report_outcome(job)
-    except ClientError as exc:
-        error(exc.code, exc.message)
-        return exit_code_for(exc)
-    except KeyboardInterrupt:
-        if job_id:
-            print(f"\ninterrupted; job {job_id} goes on (attnonly watch {job_id})", file=sys.stderr)
-        return 130
-    raise AssertionError(args.command)
 
 
 # --- the parser -------------------------------------------------------------------------------
@@ -561,8 +216,13 @@ def main(argv=None) -> int:
         if args.limit < 0:
             parser.error("--limit must be 0 or more")
         args.limit = args.limit or None
+    # The halves import this module (exit statuses, error): imported here, once it is whole.
     if args.command in LIBRARY_COMMANDS:
+        from .cli_library import run_library
+
         return run_library(args)
+    from .cli_service import run_service
+
     return run_service(args)
 
 

@@ -9,7 +9,8 @@ import time
 import httpx
 import pytest
 
-from shared.conversion.cli import exit_code_for, options_from, parse_option
+from shared.conversion.cli import options_from, parse_option
+from shared.conversion.cli_service import exit_code_for
 from shared.conversion.client import Client, ClientError, Job
 
 API = "http://api.test"
