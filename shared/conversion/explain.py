@@ -279,10 +279,10 @@ def figure_html(e: UnitExplanation) -> str:
     """A report.html section: the figure inline and the text."""
     from html import escape
 
-    from .report_html import _figure, _svg
+    from .report_plots import figure_html, svg_of
 
-    svg = _svg(figure(e), f"explain-{e.layer}-{e.unit}")
+    svg = svg_of(figure(e), f"explain-{e.layer}-{e.unit}")
     return (f"<h2>Unit {e.unit} of layer {e.layer}, in both forms</h2>"
-            + _figure(svg, f"{e.site}: the explicit head's attention pattern, the compact head's, and the nonzero "
+            + figure_html(svg, f"{e.site}: the explicit head's attention pattern, the compact head's, and the nonzero "
                       "structure of the explicit head's matrices (red lines: block boundaries).")
             + f"<div class='wide'><pre class='mono'>{escape(render_text(e))}</pre></div>")

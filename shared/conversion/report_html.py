@@ -2,27 +2,18 @@
 
     html = render(report.to_dict())
 
-Plain HTML and CSS with the plots inline as SVG, drawn by matplotlib without pyplot (a
-bare Figure never touches a GUI backend or any global state): the page fetches nothing
+Plain HTML and CSS with the plots inline as SVG (report_plots): the page fetches nothing
 and needs no JavaScript. Every section copes with what a report may lack (checks that
 were not run, encoders without logits, greedy on models that cannot generate).
 """
 from __future__ import annotations
 
-import io
-import math
-import re
 from html import escape
 
-import matplotlib
-from matplotlib.figure import Figure
-
 from .calibrate import MARGIN
-
-TOLERANCE_COLOR, HALF_COLOR, MARGIN_COLOR = "#cf222e", "#bc4c00", "#6e7781"
-LABELLED_SITES = 48  # up to this many sites the plots name each; more are numbered
-_SVG_RC = {"svg.fonttype": "none", "svg.hashsalt": "attnonly-report", "font.size": 9}
-_NO_METADATA = {"Creator": None, "Date": None, "Format": None, "Type": None}
+from .report_plots import (
+    HALF_COLOR, MARGIN_COLOR, TOLERANCE_COLOR, construction_plot, figure_html, finite, log_plot, zero_note,
+)
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328;
@@ -152,22 +143,22 @@ def _local(report: dict) -> str:
         lines.append((tolerance / 2, f"½ tolerance {_num(tolerance / 2)}", HALF_COLOR, "--"))
         if MARGIN != 0.5:
             lines.append((MARGIN * tolerance, f"calibration target {MARGIN:g} × tolerance", MARGIN_COLOR, ":"))
-    svg = _log_plot("local", names, series, lines, ylabel="relative error of the FFN output", xlabel="FFN site")
+    svg = log_plot("local", names, series, lines, ylabel="relative error of the FFN output", xlabel="FFN site")
     rows, bad = [], set()
     for i, e in enumerate(local):
         rel = e.get("ffn_rel")
-        ok = _finite(rel) and tolerance is not None and rel <= tolerance
+        ok = finite(rel) and tolerance is not None and rel <= tolerance
         if not ok:
             bad.add(i)
         rows.append([f"<code>{escape(str(e.get('site', '?')))}</code>", _cell(e.get("layer")), escape(str(e.get("kind", ""))),
                      _cell(rel, _num), _cell(e.get("calibration_rel"), _num),
-                     _cell(rel / tolerance if _finite(rel) and tolerance else None, lambda v: f"{v:.3f}"),
+                     _cell(rel / tolerance if finite(rel) and tolerance else None, lambda v: f"{v:.3f}"),
                      _mark(ok)])
     table = _table(["site", "layer", "kind", "check error", "calibration error", "÷ tolerance", "≤ tolerance"], rows, bad)
     caption = ("Each FFN's converted heads against the source FFN, on the inputs the site really sees (float64), "
                "on a log axis. The verdict wants every check error at or under the tolerance; a red ring marks an "
                "error over it.")
-    return head + _figure(svg, caption + _zero_note(series)) + f"<div class='wide'>{table}</div>"
+    return head + figure_html(svg, caption + zero_note(series)) + f"<div class='wide'>{table}</div>"
 
 
 def _propagated(report: dict) -> str:
@@ -182,11 +173,11 @@ def _propagated(report: dict) -> str:
         series = [("residual stream (residual_rel)", [r.get("residual_rel") for r in residual], "o", "#0969da")]
         tolerance = _tolerance(report)
         lines = [(tolerance, f"tolerance per FFN {_num(tolerance)}", TOLERANCE_COLOR, "-")] if tolerance else []
-        svg = _log_plot("residual", names, series, lines, ylabel="relative error of the hidden state",
+        svg = log_plot("residual", names, series, lines, ylabel="relative error of the hidden state",
                         xlabel="hidden state (0: embeddings, then after each layer)", labelled=True)
-        parts.append("<h3>Residual stream, layer by layer</h3>" + _figure(
+        parts.append("<h3>Residual stream, layer by layer</h3>" + figure_html(
             svg, "The whole converted model against the source on the check tokens: each hidden state's relative "
-            "error, on a log axis; errors grow as they propagate through the layers." + _zero_note(series)))
+            "error, on a log axis; errors grow as they propagate through the layers." + zero_note(series)))
     limits = _limits(report)
     logits, hidden = propagated.get("logits"), propagated.get("hidden")
     if logits:
@@ -209,7 +200,7 @@ def _propagated(report: dict) -> str:
         rows = [
             ("max |Δ|", _num(hidden.get("max_abs")), "", None),
             ("max relative", _num(hidden.get("max_rel")), _le(rel_limit), _under(hidden.get("max_rel"), rel_limit)),
-            ("min cosine similarity", f"{hidden['min_cosine']:.12f}" if _finite(hidden.get("min_cosine")) else "—", "", None),
+            ("min cosine similarity", f"{hidden['min_cosine']:.12f}" if finite(hidden.get("min_cosine")) else "—", "", None),
         ]
         parts.append("<h3>Final hidden states</h3>" + _note("The model has no language-model head: "
                                                             "its last hidden states are compared instead of logits.")
@@ -247,7 +238,7 @@ def _construction(report: dict) -> str:
     if not sites:
         return head + _note("No FFN sites recorded.")
     names = [str(s.get("path", "?")) for s in sites]
-    svg = _construction_plot(names, [s.get("heads_per_unit") for s in sites], [s.get("omega") for s in sites])
+    svg = construction_plot(names, [s.get("heads_per_unit") for s in sites], [s.get("omega") for s in sites])
     rows = [[f"<code>{escape(str(s.get('path', '?')))}</code>", escape(str(s.get("kind", ""))),
              escape(str(s.get("activation", ""))), _yes_no(s.get("causal")), _cell(s.get("units"), _int),
              _cell(s.get("heads_per_unit"), _int), _cell(s.get("heads"), _int), _cell(s.get("omega"), lambda v: f"{v:.4g}"),
@@ -263,7 +254,7 @@ def _construction(report: dict) -> str:
         adjusted_html = f"<ul class='adjusted'>{items}</ul>"
     else:
         adjusted_html = _note("Nothing: every site met the calibration target with its first plan.")
-    return (head + _figure(svg, "Heads per FFN unit (M) and the neuron heads' self bias Ω, per site.")
+    return (head + figure_html(svg, "Heads per FFN unit (M) and the neuron heads' self bias Ω, per site.")
             + f"<div class='wide'>{table}</div><h3>What the converter adjusted</h3>" + adjusted_html)
 
 
@@ -285,129 +276,13 @@ def _timings_and_files(report: dict) -> str:
     files = report.get("files") or {}
     total = timings.get("total_s")
     timing_rows = [[escape(key.removesuffix("_s")), f"<td class='num'>{escape(_seconds(value))}</td>",
-                    f"<td class='num'>{f'{100 * value / total:.1f} %' if _finite(value) and total else ''}</td>"]
+                    f"<td class='num'>{f'{100 * value / total:.1f} %' if finite(value) and total else ''}</td>"]
                    for key, value in timings.items()]
     file_rows = [[f"<code>{escape(name)}</code>", f"<td class='num'>{escape(_bytes(size)) if size is not None else '—'}</td>"]
                  for name, size in files.items()]
     return ("<h2>Timings and files</h2><div class='cols'>"
             f"<div><h3>Timings</h3>{_table(['stage', 'time', 'share'], timing_rows) if timing_rows else _note('Not recorded.')}</div>"
             f"<div><h3>Files written</h3>{_table(['file', 'size'], file_rows) if file_rows else _note('Not recorded.')}</div></div>")
-
-
-# --- plots -------------------------------------------------------------------------------
-
-def _log_plot(name: str, names, series, lines, ylabel: str, xlabel: str, labelled: bool = False) -> str:
-    """Markers per x position on a log y axis, with horizontal reference lines. An error of 0
-    (a log axis has none) sits hollow on the bottom edge, marked "0"; a non-finite one hollow
-    on the top edge."""
-    values = [v for _, ys, _, _ in series for v in ys if _finite(v) and v > 0] + [y for y, *_ in lines]
-    low, high = (min(values), max(values)) if values else (1e-8, 1.0)
-    floor, ceiling = low / 10, high * 10
-    fig = Figure(figsize=(10, 3.4 + _label_height(names, labelled)), layout="constrained")
-    ax = fig.add_subplot()
-    xs = list(range(len(names)))
-    limit = lines[0][0] if lines else None
-    for label, ys, marker, color in series:
-        ax.plot(xs, [_clip(v, floor, ceiling) if _finite(v) else math.nan for v in ys], marker=marker, color=color,
-                label=label, linewidth=1, markersize=5, alpha=0.9, clip_on=False)
-        over = [(x, v) for x, v in zip(xs, ys) if limit is not None and _finite(v) and v > limit]
-        if over:  # over the first reference line (the tolerance): ringed
-            ax.plot(*zip(*over), linestyle="none", marker="o", markersize=12, markerfacecolor="none",
-                    markeredgecolor=TOLERANCE_COLOR, markeredgewidth=1.5)
-        for x, v in zip(xs, ys):
-            if not (_finite(v) and v > 0):
-                y = _clip(v, floor, ceiling)
-                ax.plot([x], [y], linestyle="none", marker=marker, markersize=10, markerfacecolor="none",
-                        markeredgecolor=color, clip_on=False)
-                ax.annotate("0" if _finite(v) else "∞/NaN", (x, y), xytext=(8, 4), textcoords="offset points",
-                            fontsize=8, color=color)
-    for y, label, color, style in lines:
-        ax.axhline(y, color=color, linestyle=style, linewidth=1.2, label=label)
-    ax.set_yscale("log")
-    ax.set_ylim(floor, ceiling)
-    ax.set_ylabel(ylabel)
-    ax.set_xlabel(xlabel)
-    ax.grid(True, which="major", axis="y", alpha=0.3)
-    _site_ticks(ax, names, labelled)
-    fig.legend(loc="outside upper center", ncols=3, fontsize=8, frameon=False)
-    return _svg(fig, name)
-
-
-def _construction_plot(names, heads_per_unit, omega) -> str:
-    n = len(names)
-    fig = Figure(figsize=(10, 4.4 + _label_height(names, False)), layout="constrained")
-    top, bottom = fig.subplots(2, 1, sharex=True)
-    xs = list(range(n))
-    top.bar(xs, [v if _finite(v) else 0 for v in heads_per_unit], color="#0969da", width=min(0.6, 0.15 * len(xs) + 0.1),
-            label="heads per unit (M)")
-    top.set_ylabel("heads per unit (M)")
-    top.yaxis.get_major_locator().set_params(integer=True)
-    top.grid(True, axis="y", alpha=0.3)
-    bottom.plot(xs, [v if _finite(v) else math.nan for v in omega], marker="o", color="#8250df", linewidth=1,
-                label="self bias Ω of the neuron heads")
-    bottom.set_ylabel("self bias Ω")
-    bottom.grid(True, axis="y", alpha=0.3)
-    bottom.set_xlabel("FFN site")
-    _site_ticks(bottom, names, False)
-    fig.legend(loc="outside upper center", ncols=3, fontsize=8, frameon=False)
-    return _svg(fig, "construction")
-
-
-def _site_ticks(ax, names, labelled: bool) -> None:
-    """labelled: names are short (indices), shown level; else site paths, rotated, up to
-    LABELLED_SITES of them (more: every few indices; the tables name them)."""
-    n = len(names)
-    ax.set_xlim(-0.6, n - 0.4)
-    if not labelled and n <= LABELLED_SITES:
-        ax.set_xticks(range(n))
-        ax.set_xticklabels(names, rotation=0 if n == 1 else 90, fontsize=8 if n <= 24 else 7)
-        return
-    step = max(1, math.ceil(n / 40))
-    ax.set_xticks(range(0, n, step))
-    ax.set_xticklabels([names[i] if labelled else str(i) for i in range(0, n, step)], fontsize=8)
-    if not labelled:
-        ax.set_xlabel(ax.get_xlabel() + " (index; the table names them)")
-
-
-def _label_height(names, labelled: bool) -> float:
-    """Inches the rotated site names take below the axis."""
-    if labelled or len(names) <= 1 or len(names) > LABELLED_SITES:
-        return 0.0
-    return min(0.075 * max(len(str(n)) for n in names), 3.0)
-
-
-def _svg(fig: Figure, name: str) -> str:
-    """The figure as inline SVG: no XML prolog or DTD, text as text, ids prefixed with the plot's
-    name (unique in the page: matplotlib numbers every figure's elements from 1)."""
-    buffer = io.StringIO()
-    with matplotlib.rc_context(_SVG_RC):
-        fig.savefig(buffer, format="svg", metadata=_NO_METADATA)
-    text = buffer.getvalue()
-    text = text[text.index("<svg"):]
-    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
-    prefix = f"{name}-"
-    text = re.sub(r'\bid="', f'id="{prefix}', text)
-    text = text.replace('xlink:href="#', f'xlink:href="#{prefix}').replace("url(#", f"url(#{prefix}")
-    return text
-
-
-def _figure(svg: str, caption: str) -> str:
-    return f"<figure>{svg}<figcaption>{escape(caption)}</figcaption></figure>"
-
-
-def _zero_note(series) -> str:
-    if any(not (_finite(v) and v > 0) for _, ys, _, _ in series for v in ys):
-        return (" Hollow markers: an error of exactly 0, on the bottom edge (a log axis has no 0), "
-                "or a non-finite one, on the top edge.")
-    return ""
-
-
-def _clip(value, floor: float, ceiling: float) -> float:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ceiling
-    if not _finite(value):
-        return ceiling
-    return floor if value <= 0 else value
 
 
 # --- values and tables -------------------------------------------------------------------
@@ -419,7 +294,7 @@ def _sites(report: dict) -> list:
 def _tolerance(report: dict):
     summary, options = report.get("summary") or {}, report.get("options") or {}
     value = summary.get("tolerance", options.get("tolerance"))
-    return value if _finite(value) and value > 0 else None
+    return value if finite(value) and value > 0 else None
 
 
 def _limits(report: dict) -> tuple:
@@ -429,10 +304,6 @@ def _limits(report: dict) -> tuple:
     tolerance = _tolerance(report)
     dtype = (report.get("options") or {}).get("dtype") or (report.get("summary") or {}).get("dtype")
     return (LOGITS_REL_FACTOR * tolerance if tolerance else None), KL_LIMIT.get(dtype)
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _num(value) -> str:
@@ -448,11 +319,11 @@ def _int(value) -> str:
 
 
 def _percent(value) -> str:
-    return "—" if not _finite(value) else f"{100 * value:.4g} %"
+    return "—" if not finite(value) else f"{100 * value:.4g} %"
 
 
 def _seconds(value) -> str:
-    if not _finite(value):
+    if not finite(value):
         return "—"
     return f"{value:.3g} s" if value < 60 else f"{int(value // 60)} min {value % 60:.0f} s"
 
@@ -489,7 +360,7 @@ def _le(limit) -> str:
 
 
 def _under(value, limit):
-    return None if limit is None or value is None else (_finite(value) and value <= limit)
+    return None if limit is None or value is None else (finite(value) and value <= limit)
 
 
 def _mark(ok) -> str:
