@@ -106,11 +106,12 @@ def code_line() -> str:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return "?"
-    fastpath = ROOT / "shared" / "conversion" / "fastpath.py"
-    digest = hashlib.sha256(fastpath.read_bytes()).hexdigest()[:12] if fastpath.is_file() else "missing"
+    files = [ROOT / "shared" / "conversion" / name for name in ("fastpath.py", "fastpath_pairs.py")]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12] \
+        if all(f.is_file() for f in files) else "missing"
     dirty = git("status", "--porcelain", "--", "shared")
     return (f"code: git {git('rev-parse', '--short', 'HEAD')}, shared/ "
-            f"{'has uncommitted changes' if dirty else 'clean'}, fastpath.py sha256 {digest}")
+            f"{'has uncommitted changes' if dirty else 'clean'}, fastpath{{,_pairs}}.py sha256 {digest}")
 
 
 def machine_line() -> str:

@@ -10,8 +10,8 @@ reference path (head modules' impl = "dense": one SDPA per head, O(n^2)), measur
 
 Sanity columns: fast vs dense (max |diff| / max |dense|) and fast vs source logits.
 Breakdown columns (measured during the timed runs, medians): wall time inside the head groups
-(fastpath.fast_head_group + fast_product_pairs, timed by wrapping them) vs the rest of the
-converted forward, and inside the source's activation module (forward hooks) vs the rest.
+(fastpath.fast_head_group + fastpath_pairs.fast_product_pairs, timed by wrapping them) vs the
+rest of the converted forward, and inside the source's activation module (forward hooks) vs the rest.
 At the largest n of the GPT-2 model, one more fast forward runs under torch.profiler and
 the top ops by self CPU time are printed. Every row also reports the first call's time.
 At the smallest n, fast and dense also run on the float64 model (load_converted(dtype="float64")),
@@ -73,7 +73,7 @@ def profile_split(converted, x, top=8):
 
 def bench_model(name, root, sizes, repeats_for, dense_limit, profile_at):
     import torch
-    from shared.conversion import fastpath, load_converted
+    from shared.conversion import fastpath, fastpath_pairs, load_converted
 
     source, converted, out_dir = common.load_pair(name, root)
     vocab = source.config.vocab_size
@@ -81,7 +81,7 @@ def bench_model(name, root, sizes, repeats_for, dense_limit, profile_at):
 
     timing_rows, check_rows, summary, notes = [], [], [], []
     dense_prev = None  # (n, seconds) of the last dense measurement
-    heads_targets = [(fastpath, "fast_head_group", "heads"), (fastpath, "fast_product_pairs", "heads")]
+    heads_targets = [(fastpath, "fast_head_group", "heads"), (fastpath_pairs, "fast_product_pairs", "heads")]
     for n in sizes:
         repeats = repeats_for(n)
         x = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n))

@@ -33,7 +33,7 @@ def extra_args(parser):
 
 def bench_model(name, root, new_tokens, repeats):
     import torch
-    from shared.conversion import fastpath
+    from shared.conversion import fastpath, fastpath_pairs
 
     source, converted, _ = common.load_pair(name, root)
     vocab = source.config.vocab_size
@@ -43,8 +43,8 @@ def bench_model(name, root, new_tokens, repeats):
         return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                               use_cache=True, min_new_tokens=n, max_new_tokens=n, pad_token_id=0)
 
-    targets = [(fastpath.HeadGroupCache, "step", "cached"), (fastpath.ProductPairsCache, "step", "cached"),
-               (fastpath, "fast_head_group", "uncached"), (fastpath, "fast_product_pairs", "uncached")]
+    targets = [(fastpath.HeadGroupCache, "step", "cached"), (fastpath_pairs.ProductPairsCache, "step", "cached"),
+               (fastpath, "fast_head_group", "uncached"), (fastpath_pairs, "fast_product_pairs", "uncached")]
     run(source, 4), run(converted, 4)  # warm-up
     t_src, t_conv, cached, uncached = [], [], [], []
     for r in range(repeats):

@@ -1,4 +1,4 @@
-"""Exact O(n) evaluation of neuron-head groups and product pairs (docs/DESIGN.md §2, §4, §5).
+"""Exact O(n) evaluation of neuron-head groups (docs/DESIGN.md §2, §5).
 
 The same softmax attention as `heads.py`, leakage included, without the T x T scores.
 A head's query is the constant 1, so for query i the softmax over {self, null, other
@@ -37,22 +37,11 @@ in float64 log-space (`_exact_causal`). Calibrated layers never take either fall
 
 Negligible leakage. Where 2 n e^{Z - omega} <= e^NEGLIGIBLE_LEAK for every head and column (the
 converter's Omega puts calibrated inputs there), the other keys cannot move a denominator (>= 1)
-by half an ulp: the group is sum_m g_m sigma(z_i) v_i (no null slot: v_i) and product pairs are
-(2/eps) u tanh(eps s / 2), a few in-place passes per head (`_self_only_group`, `_pair_self_only`).
+by half an ulp: the group is sum_m g_m sigma(z_i) v_i (no null slot: v_i), a few in-place passes
+per head (`_self_only_group`; product pairs likewise, in fastpath_pairs).
 Causal caches (generation) keep the running sums and take the full form.
 
-Product pairs (DESIGN.md §4) use the exact identity for the sum of the two heads
-(z = eps s, V = (2/eps) u, C/S/A/B sums of cosh z_j, sinh z_j, V_j cosh z_j,
-V_j sinh z_j over the other visible keys, n = e^{-omega}):
-
-    out_i = [V_i (2 sinh z_i + 2n (sinh z_i C - cosh z_i S))
-             + 2n (cosh z_i B - sinh z_i A + B + n (B C - A S))] / (den+ den-)
-    den+- = e^{+-z_i} + 1 + n (C +- S)
-
-which never subtracts two O(1/eps) quantities, so fp32 keeps ~1e-7 relative error
-for any eps (evaluating the heads separately loses a factor 1/eps). It does lose
-~e^{2 max|z|} ulps for large |z| (C - S = sum e^{-z_j}): fp32 is used up to
-max |eps s| = 0.5, fp64 beyond (the construction keeps |eps s| far below 0.1).
+Product pairs (DESIGN.md §4): `fastpath_pairs.py`, on the same prefix sums and blocks.
 
 Work goes block by block of ~2^19 / (B T) units (cache-sized workspaces, reused by all
 heads and blocks: no temporaries, no fresh pages). Per head and block: one pass writes the
@@ -64,7 +53,6 @@ variant and a C++ toolchain that the worker images lack.
 Inference only: the public functions run under torch.no_grad().
 """
 import math
-import warnings
 
 import torch
 
@@ -76,12 +64,6 @@ CHUNK = 8  # rows per chunk of the causal prefix sums
 NEGLIGIBLE_LEAK = -60.0
 SELF_ONLY_BLOCK = 1 << 20  # elements per row block of the self-only evaluation
 BLOCK_ELEMENTS = 1 << 19  # B * T * columns per block of units: ~2 MB fp32 workspaces, reused, cache-resident
-# Product pairs: the cosh/sinh identity loses ~e^{2 max|z|} ulps (sums like C - S = sum e^{-z_j}
-# cancel once |z| is large), so it runs in fp32 up to max |eps s| = 0.5, in fp64 up to 9 (< 1e-8),
-# and beyond that in fp64 with a warning (there the pair's own tanh error is O(1): eps is mis-set).
-_PAIR_Z_FP32 = 0.5
-_PAIR_Z_FP64 = 9.0
-_PAIR_Z_MAX = 300.0  # cosh(z)^2 n^2 |V| overflows fp64 beyond this
 _INF = float("inf")
 
 
@@ -100,7 +82,7 @@ def _span_limit(dtype):
     return -_exp_floor(dtype) - 25.0
 
 
-def _work_dtype(dtype):
+def work_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -138,17 +120,17 @@ def exclusive_prefix_sum(x):
     padded = torch.cat((x, x.new_zeros(B, Tp - T, W)), dim=1)
     P = torch.empty_like(padded)
     carry, _ = chunk_prefix_sums(padded, P)
-    return _add_carry(P, carry)[:, :T]
+    return add_carry(P, carry)[:, :T]
 
 
-def _add_carry(P, carry):
+def add_carry(P, carry):
     """P (B, Tp, ...) += carry (B, Tp / CHUNK, ...) broadcast over each chunk's rows, in place."""
     B, Tp = P.shape[:2]
     P.view(B, Tp // CHUNK, CHUNK, -1).add_(carry.reshape(B, Tp // CHUNK, 1, -1))
     return P
 
 
-def _column_range(x, keep, masked):
+def column_range(x, keep, masked):
     """Max and min over the real rows of x (B, T, F): (B, 1, F) each, -inf / +inf where none."""
     if not masked:
         return x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
@@ -188,7 +170,7 @@ class _Work:
         self.P = like.new_empty(B, Tp, rows, F)
 
 
-def _blocks(B, T, F, like, rows=2):
+def column_blocks(B, T, F, like, rows=2):
     """(column slice, workspace) covering the F units in blocks of ~BLOCK_ELEMENTS / (B T) columns."""
     width = max(16, BLOCK_ELEMENTS // (B * T) // 16 * 16)
     works = {}
@@ -329,7 +311,7 @@ class _GroupState:
         self.n = 0
 
 
-def _keep(key_padding_mask, B, T, device):
+def keep_mask(key_padding_mask, B, T, device):
     """(B, T, 1) bool, True = real key, and whether any key may be padded."""
     if key_padding_mask is None:
         return torch.ones(B, T, 1, dtype=torch.bool, device=device), False
@@ -357,7 +339,7 @@ def _causal_head(k, v, keep, masked, a, c, omega, null_slot, Z, zmin, past, n_pa
         scale = torch.exp(past[0] - Z.double())  # (B, 1, F) <= 1: past sums restabilised to Z
         past64 = torch.stack((past[1] * scale, past[2] * scale), dim=2)  # (B, 1, 2, F)
         carry = carry + past64.view(B, 1, 2 * F).to(k.dtype)
-    P = _add_carry(work.P, carry)  # (B, Tp, 2, F): sums over every visible key j < i
+    P = add_carry(work.P, carry)  # (B, Tp, 2, F): sums over every visible key j < i
     n_keys = T + n_past
     y = _head_output(z, work.terms[:, :T, 0], v, P[:, :T, 0], P[:, :T, 1], Z, zmin, omega, null_slot, n_keys, work)
     y = _repair_unsafe(y, k, v, keep, a, c, omega, 0.0 if null_slot else -_INF, init, Z, zmin, n_keys)
@@ -460,13 +442,13 @@ def _self_only_group(k, v, a, c, g, null_slot):
 def _group(k, v, key_padding_mask, a, c, g, omega, null_slot, causal, state=None):
     """sum_m g_m * head_m (B, T, F), block of columns by block of columns."""
     B, T, F = k.shape
-    keep, masked = _keep(key_padding_mask, B, T, k.device)
+    keep, masked = keep_mask(key_padding_mask, B, T, k.device)
     if state is None and _leak_negligible(*_value_range(k, keep, masked), a, c, omega, null_slot, T):
         return _self_only_group(k, v, a, c, g, null_slot)
-    kmax, kmin = _column_range(k, keep, masked)  # (B, 1, F): shared by the M heads
+    kmax, kmin = column_range(k, keep, masked)  # (B, 1, F): shared by the M heads
     n_past = 0 if state is None else state.n
     out = torch.empty_like(k)
-    for cols, work in _blocks(B, T, F, k):
+    for cols, work in column_blocks(B, T, F, k):
         kb, vb, ob = k[:, :, cols], v[:, :, cols], out[:, :, cols]  # (B, T, w) views
         for m in range(a.shape[0]):
             am, cm = a[m, cols], c[m, cols]  # (w,)
@@ -515,7 +497,7 @@ def _check_group_args(keys_in, values_in, a, c, g, omega):
 
 
 def _group_inputs(keys_in, values_in, a, c, g):
-    dtype = _work_dtype(keys_in.dtype)
+    dtype = work_dtype(keys_in.dtype)
     k, v = keys_in.to(dtype).contiguous(), values_in.to(dtype).contiguous()
     return (k, v) + tuple(t.to(device=k.device, dtype=dtype) for t in (a, c, g))
 
@@ -551,145 +533,10 @@ class HeadGroupCache:
             self.state = _GroupState(a.shape[0], B, F, k.device)
         assert self.state.z0.shape[1] == B, "batch size changed under a cache"
         if T == 1:
-            real = _keep(key_padding_mask, B, T, k.device)[0].view(B)
+            real = keep_mask(key_padding_mask, B, T, k.device)[0].view(B)
             floor = 0.0 if self.null_slot else -_INF
             out = _group_token(*(t.double() for t in (k, v)), real, *(t.double() for t in (a, c, g)),
                                self.omega, floor, self.state)
         else:
             out = _group(k, v, key_padding_mask, a, c, g, self.omega, self.null_slot, True, self.state)
         return out.to(keys_t.dtype)
-
-
-# --- product pairs ------------------------------------------------------------------------
-
-def _pair_parts(s, u, eps):
-    z = eps * s  # (B, T, F)
-    return u * (2.0 / eps), torch.cosh(z), torch.sinh(z)  # V, cosh z, sinh z
-
-
-def _pair_combine(V, ch, sh, sums, n):
-    """Sum of the +eps and -eps heads (B, T, F) from V = (2/eps) u, cosh z, sinh z and the other
-    visible keys' sums (B, T, 4, F) of cosh, sinh, V cosh, V sinh; n = e^-omega.
-    e^{+-z} = cosh z +- sinh z: exact to the identity's own e^{2|z|} ulps."""
-    C, S, A, B = sums.unbind(dim=2)  # (B, T, F) each
-    den = torch.add(C, S).mul_(n).add_(ch).add_(sh).add_(1.0)  # e^z + 1 + n (C + S)
-    den.mul_(torch.sub(C, S).mul_(n).add_(ch).sub_(sh).add_(1.0))  # times e^-z + 1 + n (C - S)
-    self_part = torch.mul(sh, C).addcmul_(ch, S, value=-1.0).mul_(n).add_(sh)  # sinh z + n (sinh z C - cosh z S)
-    cross = B.mul(C).addcmul_(A, S, value=-1.0).mul_(n).add_(B).addcmul_(ch, B).addcmul_(sh, A, value=-1.0)
-    return self_part.mul_(V).add_(cross, alpha=n).mul_(2.0).div_(den)
-
-
-def _pair_terms(s, u, keep, masked, eps, out):
-    """out[:, :T] = cosh z, sinh z, V cosh z, V sinh z per key (B, T, 4, F), 0 for padded keys; returns V."""
-    T = s.shape[1]
-    z, V = eps * s, u * (2.0 / eps)
-    ch, sh = torch.cosh(z, out=out[:, :T, 0]), torch.sinh(z, out=out[:, :T, 1])
-    torch.mul(V, ch, out=out[:, :T, 2])
-    torch.mul(V, sh, out=out[:, :T, 3])
-    if masked:
-        out[:, :T].masked_fill_(~keep.unsqueeze(2), 0.0)
-    return V
-
-
-def _check_pair_args(s, u, eps, omega):
-    B, T, F = s.shape
-    assert T >= 1 and u.shape == (B, T, F) and eps.shape == (F,), (tuple(s.shape), tuple(u.shape), tuple(eps.shape))
-    assert omega >= 0, f"omega must be >= 0, got {omega}"
-    assert bool((eps != 0).all()), "product pairs need eps != 0"
-
-
-def _pair_range(s, eps, keep, masked, zmax_past):
-    """max |eps s| over the real keys and the past; warns once past the accurate range."""
-    smax, smin = _column_range(s, keep, masked)  # (B, 1, F)
-    zmax = max(float((eps.abs() * torch.maximum(smax, -smin)).max()), zmax_past)
-    assert zmax <= _PAIR_Z_MAX, f"product pair keys reach |eps s| = {zmax:.3g}: eps or s far out of range"
-    if zmax > _PAIR_Z_FP64 >= zmax_past:
-        warnings.warn(f"fastpath: product pair keys reach |eps s| = {zmax:.3g}; accuracy degrades as e^(2|eps s|)")
-    return zmax
-
-
-def _pairs(s, u, eps, omega, key_padding_mask, causal, past64, zmax_past=0.0):
-    """(out (B, T, F), causal totals (B, 1, 4, F) or None, max |eps s| of all real keys so far).
-
-    Computed in the working dtype while max |eps s| <= 0.5, else in float64; block by block of columns.
-    """
-    B, T, F = s.shape
-    keep, masked = _keep(key_padding_mask, B, T, s.device)
-    eps = eps.to(s.device)
-    zmax = _pair_range(s, eps.to(s.dtype), keep, masked, zmax_past)
-    dtype = _work_dtype(s.dtype) if zmax <= _PAIR_Z_FP32 else torch.float64
-    s, u, eps = (t.to(dtype).contiguous() for t in (s, u, eps))
-    n = math.exp(-omega)
-    out = torch.empty_like(s)
-    total = torch.empty(B, 1, 4, F, dtype=dtype, device=s.device) if causal else None
-    for cols, work in _blocks(B, T, F, s, rows=4):
-        w = cols.stop - cols.start
-        V = _pair_terms(s[:, :, cols], u[:, :, cols], keep, masked, eps[cols], work.terms)  # terms: (B, Tp, 4, w)
-        terms = work.terms[:, :T]
-        if causal:
-            carry, block_total = chunk_prefix_sums(work.terms.view(B, -1, 4 * w), work.P.view(B, -1, 4 * w))
-            total[:, :, :, cols] = block_total.view(B, 1, 4, w)
-            sums = _add_carry(work.P, carry + past64[:, :, :, cols].reshape(B, 1, 4 * w).to(dtype))[:, :T]
-        else:
-            sums = torch.sub(terms.sum(dim=1, keepdim=True), terms, out=work.P[:, :T])  # totals minus self
-        out[:, :, cols] = _pair_combine(V, terms[:, :, 0], terms[:, :, 1], sums, n)  # padded queries: cosh = 0
-    return out, total, zmax
-
-
-def _pair_self_only(s, u, eps):
-    """The pair's output without leakage, (2/eps) u tanh(eps s / 2) (B, T, F): sigma(z) - sigma(-z)
-    = tanh(z / 2), with no cancellation at any eps."""
-    dtype = _work_dtype(s.dtype)
-    eps = eps.to(device=s.device, dtype=dtype)
-    return torch.mul(s.to(dtype), eps / 2).tanh_().mul_(u.to(dtype)).mul_(2.0 / eps)
-
-
-def _pair_token(s, u, real, eps, omega, sums, zmax_past):
-    """One new token (B, 1, F) from the running sums (B, 1, 4, F), float64; real: (B, 1, 1)."""
-    s, u, eps = s.double(), u.double(), eps.to(device=s.device, dtype=torch.float64)
-    zmax = _pair_range(s, eps, real, True, zmax_past)
-    V, ch, sh = _pair_parts(s, u, eps)
-    out = _pair_combine(V, ch, sh, sums, math.exp(-omega))  # (B, 1, F)
-    own = torch.stack((ch, sh, V * ch, V * sh), dim=2)  # (B, 1, 4, F)
-    return out, torch.where(real.unsqueeze(3), own, 0.0), zmax
-
-
-@torch.no_grad()
-def fast_product_pairs(s, u, eps, omega, *, causal, key_padding_mask=None):
-    """Same as heads.dense_product_pairs in O(T): s, u (B, T, F); eps (F,) -> (B, T, F)."""
-    omega = float(omega)
-    _check_pair_args(s, u, eps, omega)
-    B, T, F = s.shape
-    keep, masked = _keep(key_padding_mask, B, T, s.device)
-    zmax = _pair_range(s, eps.to(device=s.device, dtype=s.dtype), keep, masked, 0.0)
-    if zmax - omega + math.log(2 * T) <= NEGLIGIBLE_LEAK:  # other keys: < e^-60 of each denominator (>= 1)
-        return _pair_self_only(s, u, eps).to(s.dtype)
-    past64 = torch.zeros(B, 1, 4, F, dtype=torch.float64, device=s.device)
-    out, _, _ = _pairs(s, u, eps, omega, key_padding_mask, causal, past64)
-    return out.to(s.dtype)
-
-
-class ProductPairsCache:
-    """Incremental causal decoding of product pairs: per (b, k) the float64 sums of cosh z_j,
-    sinh z_j, V_j cosh z_j, V_j sinh z_j over the past real keys. step(s, u) takes (B, T, F)."""
-
-    def __init__(self, eps, omega):
-        assert eps.dim() == 1 and omega >= 0
-        self.eps, self.omega = eps, float(omega)
-        self.sums = None  # (B, 1, 4, F) float64
-        self.zmax = 0.0  # max |eps s| over the past keys: decides the working precision
-
-    @torch.no_grad()
-    def step(self, s_t, u_t, key_padding_mask=None):
-        _check_pair_args(s_t, u_t, self.eps, self.omega)
-        B, T, F = s_t.shape
-        if self.sums is None:
-            self.sums = torch.zeros(B, 1, 4, F, dtype=torch.float64, device=s_t.device)
-        assert self.sums.shape == (B, 1, 4, F), "batch size changed under a cache"
-        if T == 1:  # decoding: float64 from the running sums
-            real = _keep(key_padding_mask, B, T, s_t.device)[0]  # (B, 1, 1)
-            out, total, self.zmax = _pair_token(s_t, u_t, real, self.eps, self.omega, self.sums, self.zmax)
-        else:
-            out, total, self.zmax = _pairs(s_t, u_t, self.eps, self.omega, key_padding_mask, True, self.sums, self.zmax)
-        self.sums = self.sums + total.double()
-        return out.to(s_t.dtype)

@@ -17,7 +17,7 @@ they live on that call's cache object (`DecodeContext`), so nothing leaks betwee
 import torch
 import torch.nn as nn
 
-from . import fastpath, heads as dense
+from . import fastpath, fastpath_pairs, heads as dense
 
 
 class DecodeContext:
@@ -115,11 +115,11 @@ class ProductHeads(nn.Module):
         if state is not None:
             return state.step(s, u)
         mask = self.context.key_mask(0, s.shape[1]) if self.context else None
-        pairs = fastpath.fast_product_pairs if self.impl == "fast" else dense.dense_product_pairs
+        pairs = fastpath_pairs.fast_product_pairs if self.impl == "fast" else dense.dense_product_pairs
         return pairs(s, u, self.eps, self.omega, causal=self.causal, key_padding_mask=mask)
 
     def _new_cache(self):
-        return fastpath.ProductPairsCache(self.eps, self.omega)
+        return fastpath_pairs.ProductPairsCache(self.eps, self.omega)
 
     def extra_repr(self) -> str:
         return f"pairs={self.eps.shape[0]}, omega={self.omega:.4g}, causal={self.causal}"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from shared.conversion import fastpath
+from shared.conversion import fastpath, fastpath_pairs
 from shared.conversion.heads import dense_head_group, dense_product_pairs, product_pair_heads
 
 TOL = 1e-6  # issue 5: fast (fp32) vs dense (fp64) relative error
@@ -177,14 +177,14 @@ def test_column_blocks(monkeypatch, causal):
     fast, ref = both(keys, values, a, c, g, 2.0, causal=causal, mask=mask, null_slot=True)
     assert rel_err(fast, ref, mask) <= TOL
     eps = torch.full((F,), 1e-4)
-    pairs = fastpath.fast_product_pairs(keys, values, eps, 2.0, causal=causal, key_padding_mask=mask)
+    pairs = fastpath_pairs.fast_product_pairs(keys, values, eps, 2.0, causal=causal, key_padding_mask=mask)
     ref = dense_product_pairs(keys.double(), values.double(), eps.double(), 2.0, causal=causal, key_padding_mask=mask)
     assert rel_err(pairs, ref, mask) <= TOL
     if causal:
         cache = fastpath.HeadGroupCache(a, c, g, 2.0)
         _, ref = both(keys, values, a, c, g, 2.0, causal=True, mask=None, null_slot=True)
         assert rel_err(chunked(cache.step, keys, values), ref) <= TOL
-        pair_cache = fastpath.ProductPairsCache(eps, 2.0)
+        pair_cache = fastpath_pairs.ProductPairsCache(eps, 2.0)
         ref = dense_product_pairs(keys.double(), values.double(), eps.double(), 2.0, causal=True)
         assert rel_err(chunked(pair_cache.step, keys, values), ref) <= TOL
 
@@ -200,7 +200,7 @@ def test_product_pairs_match_dense(omega, causal, T, eps):
     u = torch.randn(B, T, F, generator=gen)
     eps_t = torch.full((F,), eps)
     mask = padding(B, T, causal, gen)
-    fast = fastpath.fast_product_pairs(s, u, eps_t, omega, causal=causal, key_padding_mask=mask)
+    fast = fastpath_pairs.fast_product_pairs(s, u, eps_t, omega, causal=causal, key_padding_mask=mask)
     ref = dense_product_pairs(s.double(), u.double(), eps_t.double(), omega, causal=causal, key_padding_mask=mask)
     assert torch.isfinite(fast).all()
     err = rel_err(fast, ref, mask)
@@ -218,7 +218,7 @@ def test_product_pairs_beat_separate_heads():
     ref = dense_product_pairs(s.double(), u.double(), eps.double(), 2.0, causal=True)
     a, c, g = product_pair_heads(eps)
     separate = fastpath.fast_head_group(s, u, a, c, g, 2.0, causal=True)
-    paired = fastpath.fast_product_pairs(s, u, eps, 2.0, causal=True)
+    paired = fastpath_pairs.fast_product_pairs(s, u, eps, 2.0, causal=True)
     assert rel_err(separate, ref) > 1e-5
     assert rel_err(paired, ref) <= TOL
 
@@ -231,18 +231,18 @@ def test_product_pairs_with_large_keys_use_float64(monkeypatch, causal):
     s, u = 20 + 10 * torch.rand(B, T, F, generator=gen), torch.randn(B, T, F, generator=gen)
     eps = torch.full((F,), 0.2)  # eps s in [4, 6]: C ~ S ~ e^6, C - S ~ e^-4
     mask = padding(B, T, causal, gen)
-    fast = fastpath.fast_product_pairs(s, u, eps, 2.0, causal=causal, key_padding_mask=mask)
+    fast = fastpath_pairs.fast_product_pairs(s, u, eps, 2.0, causal=causal, key_padding_mask=mask)
     ref = dense_product_pairs(s.double(), u.double(), eps.double(), 2.0, causal=causal, key_padding_mask=mask)
     assert rel_err(fast, ref, mask) <= TOL
-    monkeypatch.setattr(fastpath, "_PAIR_Z_FP32", math.inf)  # the same inputs forced through fp32 show why
-    forced = fastpath.fast_product_pairs(s, u, eps, 2.0, causal=causal, key_padding_mask=mask)
+    monkeypatch.setattr(fastpath_pairs, "_PAIR_Z_FP32", math.inf)  # the same inputs forced through fp32 show why
+    forced = fastpath_pairs.fast_product_pairs(s, u, eps, 2.0, causal=causal, key_padding_mask=mask)
     assert rel_err(forced, ref, mask) > TOL
 
 
 def test_product_pairs_out_of_range_warn():
     s, u = torch.full((1, 4, 2), 30.0), torch.ones(1, 4, 2)
     with pytest.warns(UserWarning, match="accuracy degrades"):
-        out = fastpath.fast_product_pairs(s, u, torch.ones(2), 2.0, causal=True)
+        out = fastpath_pairs.fast_product_pairs(s, u, torch.ones(2), 2.0, causal=True)
     assert torch.isfinite(out).all()
 
 
@@ -305,7 +305,7 @@ def test_product_pairs_cache_matches_full(omega):
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, :3] = False
     mask[0, 6] = False  # a padded single-token step
-    cache = fastpath.ProductPairsCache(eps, omega)
+    cache = fastpath_pairs.ProductPairsCache(eps, omega)
     stepped = chunked(cache.step, s, u, mask)
     ref = dense_product_pairs(s.double(), u.double(), eps.double(), omega, causal=True, key_padding_mask=mask)
     assert rel_err(stepped, ref, mask) <= TOL
@@ -385,12 +385,12 @@ def test_product_pairs_self_only_agrees_with_the_full_evaluation(monkeypatch, ca
     omega = float(eps.max() * s.abs().amax()) + math.log(2 * T) - fastpath.NEGLIGIBLE_LEAK + 1.0
     mask = padding(B, T, causal, gen)
     calls = []
-    real = fastpath._pair_self_only
-    monkeypatch.setattr(fastpath, "_pair_self_only", lambda *args: calls.append(1) or real(*args))
-    past = fastpath.fast_product_pairs(s, u, eps, omega, causal=causal, key_padding_mask=mask)
+    real = fastpath_pairs._pair_self_only
+    monkeypatch.setattr(fastpath_pairs, "_pair_self_only", lambda *args: calls.append(1) or real(*args))
+    past = fastpath_pairs.fast_product_pairs(s, u, eps, omega, causal=causal, key_padding_mask=mask)
     assert calls
-    monkeypatch.setattr(fastpath, "NEGLIGIBLE_LEAK", -math.inf)
-    full = fastpath.fast_product_pairs(s, u, eps, omega, causal=causal, key_padding_mask=mask)
+    monkeypatch.setattr(fastpath_pairs, "NEGLIGIBLE_LEAK", -math.inf)
+    full = fastpath_pairs.fast_product_pairs(s, u, eps, omega, causal=causal, key_padding_mask=mask)
     assert len(calls) == 1
     assert rel_err(past, full, mask) <= 1e-13  # the full form's cosh/sinh identity: ~e^{2 max|eps s|} ulps
     assert rel_err(past, s * u, mask) <= 1e-6  # and the pair is the product up to (eps s)^2 / 12
