@@ -3,9 +3,9 @@
 The task is idempotent, because late acknowledgement means a message can arrive twice
 (a worker crash, a lost connection): a job that already finished is not redone, and a job
 caught half-way starts again from a clean folder. Progress goes to the job store as it
-happens; the cancel flag is polled between layers.
+happens (worker/progress.py); the cancel flag is polled between layers.
 
-Faults it rides out:
+Faults it rides out (worker/faults.py):
 
 * The job store (Redis) unreachable: reads and the final write are retried for
   ``store_retry_seconds``; progress writes and cancel checks are skipped meanwhile. If
@@ -20,24 +20,26 @@ Faults it rides out:
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional
 
-import redis
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from shared import logs, webhook_notify
-from shared.jobs import Artifact, Job, JobError, JobState, JobStore, Progress, redis_client
+from shared.jobs import Artifact, Job, JobError, JobState, JobStore, redis_client
 from shared.metrics import Metrics
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, StorageError, file_sha256, job_prefix
 from worker.app import CONVERT_TASK, celery_app
+from worker.faults import (
+    STORE_ERRORS, JobCancelled, StoreUnavailable, Superseded, call_store, with_storage_retries,
+)
 from worker.leases import Lease
+from worker.progress import ProgressReporter
 from worker.reuse import Reusable, ReuseCheck
 
 log = logging.getLogger(__name__)
@@ -54,142 +56,11 @@ def artifact_names(out: Path) -> list[str]:
     rank = {"config.json": 0, "report.json": 2}
     return sorted(names, key=lambda n: (rank.get(n, 1), n))
 
-# The part of the progress bar each stage fills, and the job state it shows as:
-# stage -> (state, start %, end %). The conversion may write its weights before or after
-# its checks; the reporter never moves the bar or the state backwards, so either order
-# reads as steady progress.
-PHASES: dict[str, tuple[JobState, float, float]] = {
-    "downloading": (JobState.downloading, 0, 10),
-    "loading": (JobState.converting, 10, 15),
-    "calibrating": (JobState.converting, 15, 55),
-    "writing": (JobState.converting, 55, 65),
-    "checking": (JobState.checking, 65, 95),
-    "uploading": (JobState.uploading, 95, 100),
-    "reused": (JobState.uploading, 10, 100),  # copying an earlier job's artifacts (worker/reuse.py)
-}
-STATE_ORDER = (JobState.downloading, JobState.converting, JobState.checking, JobState.uploading)
-LAYER_STAGES = ("calibrating", "writing", "checking")
-# A Redis that is restarting, unreachable or still loading its data (BusyLoadingError is a
-# ConnectionError): worth waiting for. Other Redis errors are bugs and fail the job.
-STORE_ERRORS = (redis.ConnectionError, redis.TimeoutError)
-MAX_STORAGE_WAIT = 60.0  # seconds: the longest wait between two upload attempts
+
 # Preflight estimates of this process by (config.json's sha256, the job's options): they
 # depend on nothing else. Bounded: cleared when full.
 _ESTIMATES: dict = {}
 MAX_ESTIMATES = 256
-
-T = TypeVar("T")
-
-
-class JobCancelled(Exception):
-    """A cancel was noticed between the conversion's own checks (download, upload)."""
-
-
-class StoreUnavailable(Exception):
-    """The job store stayed unreachable for settings.store_retry_seconds."""
-
-
-class Superseded(Exception):
-    """The job was claimed again by a newer delivery of its message: this run stops and
-    leaves the job, its artifacts and its work folder to the newer one."""
-
-
-def call_store(fn: Callable[[], T], settings: Settings, what: str) -> T:
-    """``fn()``, retried with backoff while the job store is unreachable, for at most
-    ``settings.store_retry_seconds``; then StoreUnavailable."""
-    deadline = time.monotonic() + settings.store_retry_seconds
-    delay = 0.25
-    while True:
-        try:
-            return fn()
-        except STORE_ERRORS as exc:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise StoreUnavailable(f"the job store is unreachable ({what}): {exc}") from None
-            wait = min(delay, left)
-            log.warning("job store unreachable while %s (%s); retrying in %.2fs", what, exc, wait)
-            time.sleep(wait)
-            delay = min(delay * 2, 5.0)
-
-
-def with_storage_retries(fn: Callable[[], T], settings: Settings, what: str, job_id: str = "-",
-                         cancelled: Optional[Callable[[], bool]] = None) -> T:
-    """``fn()``, tried ``settings.storage_attempts`` times in all while it raises
-    StorageError, waiting storage_retry_base_delay, twice that, ... in between (with up to
-    20 % jitter, capped at a minute). A cancel is honoured between attempts."""
-    attempts = settings.storage_attempts
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except StorageError as exc:
-            if attempt == attempts:
-                raise StorageError(f"{exc.message} (gave up after {attempts} attempts)") from None
-            wait = min(settings.storage_retry_base_delay * 2 ** (attempt - 1), MAX_STORAGE_WAIT)
-            wait *= 1 + 0.2 * random.random()
-            log.warning("job %s: S3: %s failed (attempt %d of %d): %s; retrying in %.2fs",
-                        job_id, what, attempt, attempts, exc.message, wait)
-            if cancelled is not None and cancelled():
-                raise JobCancelled() from None
-            time.sleep(wait)
-    raise AssertionError("unreachable")
-
-
-class ProgressReporter:
-    """Turns stage callbacks into job-store writes, at most a few a second."""
-
-    MIN_INTERVAL = 0.5  # seconds between writes that only move the percentage
-
-    def __init__(self, store: JobStore, job_id: str, cancelled: Optional[Callable[[], bool]] = None,
-                 attempt: Optional[int] = None):
-        self.store, self.job_id, self.cancelled, self.attempt = store, job_id, cancelled, attempt
-        self._last: Optional[Progress] = None
-        self._last_state: Optional[JobState] = None
-        self._last_time = 0.0
-
-    def stage(self, stage: str, done: int, total: int) -> bool:
-        """Record progress; returns whether it was written (False: throttled)."""
-        state, start, end = PHASES.get(stage, (JobState.converting, 30, 60))
-        fraction = min(1.0, done / total) if total else 0.0
-        percent = round(start + (end - start) * fraction, 1)
-        if self._last is not None:
-            state = max(state, self._last_state, key=STATE_ORDER.index)
-            percent = max(percent, self._last.percent)
-        layers_done, layers_total = (
-            (done, total) if stage in LAYER_STAGES else
-            (self._last.layers_done, self._last.layers_total) if self._last else (None, None)
-        )
-        progress = Progress(
-            percent=percent, stage=stage,
-            layers_done=layers_done, layers_total=layers_total,
-        )
-        now = time.monotonic()
-        important = (
-            self._last is None or state != self._last_state or stage != self._last.stage
-            or (total and done == total) or progress.layers_done != self._last.layers_done
-        )
-        if not important and now - self._last_time < self.MIN_INTERVAL:
-            return False
-        try:
-            stored = self.store.advance(self.job_id, state, progress, attempt=self.attempt)
-        except STORE_ERRORS as exc:
-            # Progress is not worth stopping a conversion for: the next write catches up.
-            log.warning("job %s: progress not recorded, the job store is unreachable: %s", self.job_id, exc)
-            return False
-        if stored is not None and self.attempt is not None and stored.attempts != self.attempt:
-            raise Superseded()
-        self._last, self._last_state, self._last_time = progress, state, now
-        if stored is not None and not stored.state.finished:
-            webhook_notify.job_progress(stored, done, total)
-        return True
-
-    def download(self, done: int, total: Optional[int]) -> None:
-        # Without a Content-Length the bar stays at the start of the download phase.
-        wrote = self.stage("downloading", done if total else 0, total or 0)
-        # fetch_source lets an exception from its progress callback through (after
-        # cleaning up): that is how a cancel stops a long download. Checked only as
-        # often as progress is written, to keep Redis round trips off the byte loop.
-        if wrote and self.cancelled is not None and self.cancelled():
-            raise JobCancelled()
 
 
 @lru_cache

@@ -14,7 +14,8 @@ from shared.conversion.errors import InvalidOptionsError, UnsupportedArchitectur
 from shared.fetch import FetchError
 from shared.jobs import JobState
 from shared.storage import job_prefix
-from worker.tasks import ARTIFACT_NAMES, ProgressReporter, run_job
+from worker.progress import ProgressReporter
+from worker.tasks import ARTIFACT_NAMES, run_job
 
 STAGES = ("loading", "calibrating", "converting", "checking", "writing")
 
