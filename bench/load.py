@@ -220,7 +220,8 @@ def run(args) -> dict:
     result = {
         "what": "bench/load.py", "submissions": args.submissions, "reads": args.reads, "clients": args.clients,
         "client_procs": args.client_procs, "api_workers": args.api_workers,
-        "rate_limit_and_quota": "defaults" if args.service_limits else HIGH_LIMIT, "machine_before": load_before, "machine_after": load_after,
+        "rate_limit_and_quota": "defaults" if args.service_limits else HIGH_LIMIT,
+        "machine_before": load_before, "machine_after": load_after,
         "kinds": [asdict(figures("submit", submit_seconds, submitted,
                                  (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1], submit_client_cpu)))]
         + ([asdict(figures("status", read_seconds, reads, (cpu2[0] - cpu1[0], cpu2[1] - cpu1[1], read_client_cpu)))]
