@@ -313,3 +313,13 @@ def fmt_s(seconds) -> str:
     if seconds is None:
         return "n/a"
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+MiB, GiB = 2**20, 2**30
+
+
+def fmt_bytes(n):
+    if n is None:
+        return "n/a"
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    return f"{sign}{n / GiB:.2f} GiB" if n >= GiB else f"{sign}{n / MiB:.0f} MiB"
