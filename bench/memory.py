@@ -4,13 +4,13 @@ that are written straight to disk, tensor by tensor (the model is never built in
 * Checkpoints (bench/synthetic_checkpoint.py): config.json (transformers' LlamaConfig,
   architectures ["LlamaForCausalLM"]) and safetensors shards written by a streaming writer
   (8-byte little-endian header length, JSON header, then the raw bytes of one tensor after
-  another); tensors named exactly as
-  LlamaForCausalLM's state dict, random normal values generated in chunks in the storage dtype:
-  std 0.02 for weights, 1 + 0.02 N(0, 1) for the RMSNorm weights; lm_head untied. Mixtral-shaped
-  (MixtralConfig, ["MixtralForCausalLM"]): the same with every MLP a router (E x D) and the
-  experts fused as transformers' state dict names them (gate_up_proj E x 2F x D, down_proj
-  E x D x F); checkpoints on the Hub store experts one by one, which the converter loads whole
-  through transformers instead (shared/conversion/weights.py), so they are not what this measures.
+  another); tensors named exactly as LlamaForCausalLM's state dict, random normal values
+  generated in chunks in the storage dtype: std 0.02 for weights, 1 + 0.02 N(0, 1) for the
+  RMSNorm weights; lm_head untied. Mixtral-shaped (MixtralConfig, ["MixtralForCausalLM"]): the
+  same with every MLP a router (E x D) and the experts fused as transformers' state dict names
+  them (gate_up_proj E x 2F x D, down_proj E x D x F); checkpoints on the Hub store experts one
+  by one, which the converter loads whole through transformers instead
+  (shared/conversion/weights.py), so they are not what this measures.
 * Conversion: convert(src, out, ConversionOptions(...)) with all three checks, in a child
   process (a fresh interpreter per model). The parent polls /proc/<child>/status every 50 ms
   (RssAnon, RssFile, VmHWM) and keeps the maxima, overall and per phase of the conversion (the
