@@ -4,6 +4,7 @@ clients; prints requests/s, p50 and p99 per kind and the errors by status.
     .venv/bin/python bench/load.py                          # 1,000 submissions + 10,000 reads, 50 clients
     .venv/bin/python bench/load.py --submissions 100 --reads 500 --clients 10   # the test's size
     .venv/bin/python bench/load.py --service-limits         # the default rate limit: intended 429s
+    .venv/bin/python bench/load.py --cold                   # no warm-up request before the clock
 
 It starts its own processes (bench/service.py): a private redis-server, moto's S3 server and
 the API under uvicorn with --api-workers processes. No Celery worker runs: the jobs stay
@@ -103,19 +104,22 @@ async def _one(client: aiohttp.ClientSession, method: str, path: str, body: Opti
     return Sample(response.status, None, seconds, job_id)
 
 
-async def _clients(url: str, headers: dict, plans: list[list[tuple[str, str, Optional[dict]]]], ready) -> tuple:
+async def _clients(url: str, headers: dict, plans: list[list[tuple[str, str, Optional[dict]]]], ready,
+                   cold: bool) -> tuple:
     """Run each plan (a list of requests) on a client of its own, all at once. Every client
     first connects and makes its plan's first request once untimed, as a polling client holds
     a warm connection and a running service has warm pools; then ``ready`` (a barrier shared
     by the client processes) lets them all go together and the clock starts. Without it the
     first 30 ms of each phase (50 connections opened at once, each API process opening its
-    Redis and broker connections) made the p99: submissions 389 ms, status reads 106 ms."""
+    Redis and broker connections) made the p99: submissions 389 ms, status reads 106 ms.
+    ``cold``: no untimed request; connections open and pools fill under the clock."""
     async def run(plan, warm: asyncio.Event, go: asyncio.Event):
         # One keep-alive connection per client, as a polling client holds.
         connector = aiohttp.TCPConnector(limit=1)
         async with aiohttp.ClientSession(url, headers=headers, connector=connector,
                                          timeout=aiohttp.ClientTimeout(total=60)) as client:
-            await _one(client, *plan[0])  # untimed
+            if not cold:
+                await _one(client, *plan[0])  # untimed
             warm.set()
             await go.wait()
             return [await _one(client, *request) for request in plan]
@@ -136,14 +140,14 @@ _ready = None  # the phase's barrier, inherited by the forked client processes
 
 
 def _client_process(args) -> tuple[float, float, list[Sample], float]:
-    url, headers, plans = args
+    url, headers, plans, cold = args
     gc.freeze()  # what the fork inherited: a client's full collections stall its 25 clients
     cpu = time.process_time()
-    first, last, samples = asyncio.run(_clients(url, headers, plans, _ready))
+    first, last, samples = asyncio.run(_clients(url, headers, plans, _ready, cold))
     return first, last, samples, time.process_time() - cpu
 
 
-def run_phase(url: str, headers: dict, plans: list, procs: int) -> tuple[float, list[Sample], float]:
+def run_phase(url: str, headers: dict, plans: list, procs: int, cold: bool) -> tuple[float, list[Sample], float]:
     """Spread the clients' plans over ``procs`` processes; (wall seconds, samples, the
     client processes' CPU seconds)."""
     global _ready
@@ -151,7 +155,7 @@ def run_phase(url: str, headers: dict, plans: list, procs: int) -> tuple[float, 
     context = multiprocessing.get_context("fork")
     _ready = context.Barrier(len(groups), timeout=60)
     with context.Pool(len(groups)) as pool:
-        results = pool.map(_client_process, [(url, headers, g) for g in groups])
+        results = pool.map(_client_process, [(url, headers, g, cold) for g in groups])
         # Let the idle workers exit before the pool's exit terminates them: a worker killed
         # while holding the task queue's lock left another waiting on it for ever (seen once).
         pool.close()
@@ -208,18 +212,19 @@ def run(args) -> dict:
         body = {"source_url": SOURCE_URL}
         plans = [[("POST", "/v1/jobs", body)] * n for n in split(args.submissions, args.clients)]
         cpu0 = cpu()
-        submit_seconds, submitted, submit_client_cpu = run_phase(url, headers, plans, args.client_procs)
+        submit_seconds, submitted, submit_client_cpu = run_phase(url, headers, plans, args.client_procs, args.cold)
         cpu1 = cpu()
         ids = [s.job_id for s in submitted if s.job_id]
         rng = random.Random(0)
         plans = [[("GET", f"/v1/jobs/{rng.choice(ids)}", None) for _ in range(n)]
                  for n in split(args.reads, args.clients)] if ids else []
-        read_seconds, reads, read_client_cpu = run_phase(url, headers, plans, args.client_procs) if plans else (1.0, [], 0.0)
+        read_seconds, reads, read_client_cpu = \
+            run_phase(url, headers, plans, args.client_procs, args.cold) if plans else (1.0, [], 0.0)
         cpu2 = cpu()
         load_after = machine()
     result = {
         "what": "bench/load.py", "submissions": args.submissions, "reads": args.reads, "clients": args.clients,
-        "client_procs": args.client_procs, "api_workers": args.api_workers,
+        "client_procs": args.client_procs, "api_workers": args.api_workers, "cold": args.cold,
         "rate_limit_and_quota": "defaults" if args.service_limits else HIGH_LIMIT,
         "machine_before": load_before, "machine_after": load_after,
         "kinds": [asdict(figures("submit", submit_seconds, submitted,
@@ -234,7 +239,7 @@ def run(args) -> dict:
 def report(result: dict) -> str:
     lines = [f"== load: {result['submissions']} submissions, {result['reads']} status reads, "
              f"{result['clients']} clients in {result['client_procs']} processes, "
-             f"{result['api_workers']} API processes ==",
+             f"{result['api_workers']} API processes{', cold' if result.get('cold') else ''} ==",
              f"machine: {result['machine_before']['cpus']} CPUs, load avg before "
              f"{result['machine_before']['loadavg']}, after {result['machine_after']['loadavg']}"]
     for k in result["kinds"]:
@@ -257,6 +262,9 @@ def main(argv=None) -> int:
     parser.add_argument("--service-limits", action="store_true",
                         help="keep the service's rate limit and per-owner quota: most submissions get an "
                              "intended 429 (default: both set high, to measure the API)")
+    parser.add_argument("--cold", action="store_true",
+                        help="no untimed first request per client: connections open and the API's pools "
+                             "fill under the clock")
     parser.add_argument("--json", type=Path, default=None, help="default: bench/out/load-<time>.json")
     args = parser.parse_args(argv)
     result, out = run_and_record("load", lambda: run(args), args.json)
