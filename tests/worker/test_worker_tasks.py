@@ -391,7 +391,7 @@ def test_s3_outage_is_retried_with_backoff_then_fails(store, make_settings, capl
     settings = make_settings(s3_endpoint_url=f"http://127.0.0.1:{free_port()}", storage_attempts=3,
                              storage_retry_base_delay=0.3)
     job, _ = store.create("https://example.org/m/", None)
-    caplog.set_level(logging.WARNING, logger="worker.tasks")
+    caplog.set_level(logging.WARNING, logger="worker.faults")  # with_storage_retries
     started = time.monotonic()
     assert run(store, Storage(settings, quick=True), settings, job.id, convert=FakeConvert()) == JobState.failed
     elapsed = time.monotonic() - started
