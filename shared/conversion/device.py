@@ -10,8 +10,15 @@ import torch
 
 from .errors import InvalidOptionsError
 
-# what ConversionOptions accepts before torch is asked: a name torch.device parses to cpu or cuda
-DEVICE_NAME = re.compile(r"^(cpu|cuda)(:\d+)?$")
+# a name torch.device parses to cpu or cuda
+_DEVICE_NAME = re.compile(r"^(cpu|cuda)(:\d+)?$")
+
+
+def check_name(requested) -> None:
+    """InvalidOptionsError unless `requested` names cpu, cuda or cuda:N: what ConversionOptions
+    accepts before torch is asked, and what resolve() takes."""
+    if not (isinstance(requested, str) and _DEVICE_NAME.match(requested)):
+        raise InvalidOptionsError(f"device must be cpu, cuda or cuda:N, not {requested!r}")
 
 
 def resolve(requested: str | None) -> torch.device:
@@ -19,8 +26,7 @@ def resolve(requested: str | None) -> torch.device:
     lacks, naming what it has."""
     if requested is None:
         return _indexed(torch.device("cuda")) if torch.cuda.is_available() else torch.device("cpu")
-    if not DEVICE_NAME.match(requested):
-        raise InvalidOptionsError(f"device must be cpu, cuda or cuda:N, not {requested!r}")
+    check_name(requested)
     device = torch.device(requested)
     if device.type == "cpu":
         return device

@@ -2,7 +2,7 @@
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Optional
 
-from .device import DEVICE_NAME
+from .device import check_name as check_device_name
 from .errors import InvalidOptionsError
 
 CHECK_KINDS = ("local", "propagated", "greedy")
@@ -53,8 +53,8 @@ class ConversionOptions:
             raise InvalidOptionsError("max_shard_bytes must be positive")
         if self.greedy_tokens < 0:
             raise InvalidOptionsError("greedy_tokens must be >= 0")
-        if self.device is not None and not (isinstance(self.device, str) and DEVICE_NAME.match(self.device)):
-            raise InvalidOptionsError(f"device must be cpu, cuda or cuda:N, not {self.device!r}")
+        if self.device is not None:
+            check_device_name(self.device)
 
     def to_dict(self) -> dict:
         return asdict(self)
