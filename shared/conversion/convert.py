@@ -137,7 +137,7 @@ def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, devic
     _write(out, source, config, head_tensors, options, progress, cancel_point)
     timings["write_s"] = time.perf_counter() - t
 
-    report = Report(config=config, options={**options.to_dict(), "device": str(device)})  # where it ran
+    report = _new_report(config, options, device)
     if options.checks:
         t = time.perf_counter()
         _run_checks(report, source, reference, calibrator.results, out, options, progress, cancel_point)
@@ -151,6 +151,11 @@ def _convert_into(source_dir: Path, out: Path, options: ConversionOptions, devic
     (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
     (out / "report.html").write_text(render_html(report.to_dict()), encoding="utf-8")
     return report
+
+
+def _new_report(config: dict, options: ConversionOptions, device: torch.device) -> Report:
+    """A report whose options name the device the passes ran on (resolved), not the one asked for."""
+    return Report(config=config, options={**options.to_dict(), "device": str(device)})
 
 
 def _corpus_identity(batch) -> dict:
@@ -285,7 +290,7 @@ def check(out_dir, source_dir, options: ConversionOptions | None = None, progres
     results = {}
     for site, plan in zip(source.sites, section["sites"]):
         results[site.path] = SiteResult(site, plan, site_tensors(out_dir, site), plan.get("calibration_rel", 0.0))
-    report = Report(config=config, options={**options.to_dict(), "device": str(device)})
+    report = _new_report(config, options, device)
     _run_checks(report, source, source.reference(), results, Path(out_dir), options,
                 progress or (lambda *a: None), lambda: None)
     report.finish(options.tolerance, LOGITS_REL_FACTOR, KL_LIMIT[options.dtype])
