@@ -163,22 +163,23 @@ def decode_cursor(cursor: str) -> str:
     return cursor
 
 
+# Short timeouts, so that a dead Redis fails a request instead of hanging it.
+_CLIENT_OPTIONS = dict(decode_responses=True, socket_connect_timeout=3, socket_timeout=10, health_check_interval=30)
+
+
 def redis_client(url: str) -> redis.Redis:
-    """A client with short timeouts, so that a dead Redis fails a request instead of hanging it."""
-    return redis.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=3, socket_timeout=10, health_check_interval=30
-    )
+    return redis.Redis.from_url(url, **_CLIENT_OPTIONS)
 
 
 def async_redis_client(url: str) -> redis.asyncio.Redis:
-    """redis_client's twin on asyncio, with the same timeouts: for reads an async route makes
-    without a hop to a thread. Its connections belong to the event loop that opened them."""
+    """redis_client's twin on asyncio: for reads an async route makes without a hop to a
+    thread. Its connections belong to the event loop that opened them."""
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
 
     # a pooled connection that Redis closed (a restart) fails once and is reopened, not a 503
     return redis.asyncio.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=3, socket_timeout=10, health_check_interval=30,
+        url, **_CLIENT_OPTIONS,
         retry=Retry(ExponentialBackoff(cap=1.0), 3),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
     )
