@@ -53,6 +53,7 @@ variant and a C++ toolchain that the worker images lack.
 Inference only: the public functions run under torch.no_grad().
 """
 import math
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -371,21 +372,21 @@ def _leak_negligible(kmax, kmin, a, c, omega, null_slot, n_keys):
     return float(lead.max()) + math.log(2 * n_keys) <= NEGLIGIBLE_LEAK
 
 
-class _HeadOperands:
+class _HeadOperands(ABC):
     """Head m's a_m, c_m, g_m in the three in-place passes of `_self_only_group`."""
 
-    a: object
-    c: object
     g: object
 
+    @abstractmethod
     def key(self, kb, w, m):  # w = c_m + a_m kb
-        raise NotImplementedError
+        ...
 
     def first(self, ob, w, m):  # ob = g_m w
         return torch.mul(w, self.g[m], out=ob)
 
+    @abstractmethod
     def accumulate(self, ob, w, m):  # ob += g_m w
-        raise NotImplementedError
+        ...
 
 
 class _UniformHeads(_HeadOperands):
